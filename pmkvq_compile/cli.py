@@ -1,0 +1,35 @@
+"""The ``pmkvq`` command. Each subcommand lives in ``pmkvq_compile/commands/<name>.py`` with
+``add_parser(subparsers)`` and ``run(args) -> int``; they are listed here, in the order ``--help`` shows them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: list[str] = [
+    "pmkvq_compile.commands.demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pmkvq", description="PM-KVQ progressive mixed-precision KV-cache quantization"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, MemoryError) as e:  # user errors (bad plan, bad budget, ...): one line, no traceback
+        print(f"pmkvq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
