@@ -1,5 +1,9 @@
-"""The ``pmkvq`` command. Each subcommand lives in ``pmkvq_compile/commands/<name>.py`` with
-``add_parser(subparsers)`` and ``run(args) -> int``; they are listed here, in the order ``--help`` shows them."""
+"""The ``pmkvq`` command.
+
+Each subcommand lives in ``pmkvq_compile/commands/<name>.py``, listed in ``COMMANDS`` in ``--help`` order.
+A module exposes ``add_parser(subparsers)``, which adds its parser(s) and calls
+``parser.set_defaults(run=<callable(args) -> int>)`` on each leaf parser.
+"""
 
 from __future__ import annotations
 
