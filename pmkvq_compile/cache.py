@@ -64,21 +64,21 @@ class Segment:
 
 
 def next_body_bits(key_bits: int, value_bits: int, final: tuple[int, int]) -> tuple[int, int] | None:
-    """One ERS level down for the body: shrink the side furthest above its final bits (keys on ties).
+    """One ERS level down for the body, or None at (2, 2).
 
-    From (16, 16) this walks through the plan's final ``(key_bits, value_bits)`` and then on to (2, 2);
-    returns None at (2, 2).
+    The sides (keys, values) that are furthest above their final bits (by ratio) shrink together, so a
+    plan with equal key and value bits walks 16 -> 8 -> 4 -> 2 on both at once, as in the paper, and a plan
+    with different final bits passes through exactly its ``(key_bits, value_bits)``.
     """
-    fk, fv = final
-    candidates = []
-    if key_bits > 2:
-        candidates.append((key_bits / fk, 0))
-    if value_bits > 2:
-        candidates.append((value_bits / fv, 1))
-    if not candidates:
+    ratios = {
+        side: bits / f for side, bits, f in ((0, key_bits, final[0]), (1, value_bits, final[1])) if bits > 2
+    }
+    if not ratios:
         return None
-    _, side = max(candidates, key=lambda c: (c[0], -c[1]))
-    return (key_bits // 2, value_bits) if side == 0 else (key_bits, value_bits // 2)
+    top = max(ratios.values())
+    kb = key_bits // 2 if ratios.get(0) == top else key_bits
+    vb = value_bits // 2 if ratios.get(1) == top else value_bits
+    return kb, vb
 
 
 def _ers_to(
