@@ -83,9 +83,9 @@ def test_load_refuses_bad_files(tmp_path) -> None:
     with pytest.raises(ValueError, match="corrupt"):
         Plan.load(out)
     d4 = dict(d)
-    d4["layers"] = [dict(d["layers"][0], key_scale="layers.0.key_scale")] + d["layers"][1:]
+    d4["layers"] = [dict(d["layers"][0], key_scale="layers.0.key_scale"), *d["layers"][1:]]
     (out / "plan.json").write_text(json.dumps(d4))
-    with pytest.raises(ValueError, match="tensors.safetensors lacks"):
+    with pytest.raises(ValueError, match=r"tensors\.safetensors lacks"):
         Plan.load(out)
     (out / "plan.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
