@@ -215,7 +215,7 @@ def test_bad_input_is_refused() -> None:
     other = ModelGeometry("llama", 2, 4, 1, 16, 64)
     with pytest.raises(PlanMismatchError):
         ProgressiveKVCache(plan, other)
-    with pytest.raises(ValueError, match="plan must be a pmkvq_compile.Plan"):
+    with pytest.raises(ValueError, match=r"plan must be a pmkvq_compile\.Plan"):
         ProgressiveKVCache("plan.json", GEO)  # type: ignore[arg-type]
 
 
@@ -224,7 +224,7 @@ def test_preallocated_memory_is_the_budget() -> None:
     cache = ProgressiveKVCache(plan, GEO, batch_size=3)
     assert cache.allocated_bytes() == 3 * plan.total_budget_bytes
     ptrs = [lay.arena.data_ptr() for lay in cache.layers]
-    for t in range(40):
+    for _ in range(40):
         for layer in range(2):
             cache.update(torch.randn(3, 2, 1, 16), torch.randn(3, 2, 1, 16), layer)
     assert [lay.arena.data_ptr() for lay in cache.layers] == ptrs  # never reallocated
