@@ -1,0 +1,189 @@
+"""Decode attention over the packed arena vs ``F.scaled_dot_product_attention`` on fp16 K/V (same run).
+
+Qwen2-7B geometry (Hq=28, Hkv=4, D=128, group 128), sink 1 @ 16 bits, window 128 @ 16 bits. Prints, per
+case, the time of ``pmkvq::decode_attention`` (Triton), the best fp16 SDPA time on the same shape (SDPA
+with ``enable_gqa=True``, and the GQA group folded into the query axis, whichever is faster), the ratio,
+and the achieved bandwidth as a fraction of a plain device-to-device copy measured in the same run.
+Also the cost of ``pmkvq::append`` of one token (amortized over a full window, flush included) and of a
+full-body ERS pass (``pmkvq::requantize_body``, 4 -> 2 bits). GPU only; run: ``python benchmarks/bench_decode_attention.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from pmkvq_compile import ops
+from pmkvq_compile.kernels.layout import ArenaLayout
+
+HQ, HKV, D, GS, NW = 28, 4, 128, 128, 128
+
+
+def make_cache(batch: int, length: int, chunk_bits: list[tuple[int, int]], spare_chunks: int = 0):
+    """A filled arena (random codes, scales in [0.01, 0.05]) holding ``length`` tokens: 1 sink token, the
+    given body chunks, and the rest in the window. Returns layout, arena, state, table."""
+    nc = len(chunk_bits)
+    wl = length - 1 - nc * NW
+    assert 0 <= wl < NW, (length, nc)
+    proto = ArenaLayout(HKV, D, GS, 1, NW, 16, 16, 16, 4, 4, 4)
+    body = sum(proto.chunk_bytes(kb, vb) for kb, vb in chunk_bits) + spare_chunks * proto.chunk_bytes(16, 16)
+    budget = proto.body_offset + body
+    budget += (-budget) % 4
+    lay = ArenaLayout(HKV, D, GS, 1, NW, 16, 16, 16, 2, 2, budget)
+    dev = "cuda"
+    arena = torch.randint(0, 256, (batch, budget), dtype=torch.uint8, device=dev)
+    state = lay.initial_state(dev)
+    table = lay.empty_table(dev)
+    rows, off = [], lay.body_offset
+    for kb, vb in chunk_bits:
+        rows.append((off, kb, vb))
+        off += lay.chunk_bytes(kb, vb)
+    if rows:
+        table[:nc] = torch.tensor(rows, dtype=torch.int32, device=dev)
+    state[0], state[1], state[2] = length, wl, nc
+    if chunk_bits:
+        state[3], state[4] = chunk_bits[-1]
+    # meta: every region's float32 [4, Hkv, cap, G] gets sane scales and zeros
+    af = arena.view(torch.float32)
+    regions = [(0, 1, 16, 16), (lay.window_offset, NW, 16, 16)] + [(o, NW, kb, vb) for o, kb, vb in rows]
+    for o, cap, kb, vb in regions:
+        _, _, m0, end = lay.region_parts(o, cap, kb, vb)
+        meta = af[:, m0 // 4 : end // 4].view(batch, 4, -1)
+        meta[:, 0::2] = torch.rand_like(meta[:, 0::2]) * 0.04 + 0.01
+        meta[:, 1::2] = torch.rand_like(meta[:, 1::2]) * 2
+    # 16-bit codes: keep scale * code reasonable by using smaller scales there
+    for o, cap, _, _ in regions[:2]:
+        _, _, m0, end = lay.region_parts(o, cap, 16, 16)
+        meta = af[:, m0 // 4 : end // 4].view(batch, 4, -1)
+        meta[:, 0::2] *= 1e-3
+    return lay, arena, state, table
+
+
+def bench_ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = bench_ms(lambda: b.copy_(a))
+    return 2 * n / (ms * 1e-3)
+
+
+def sdpa_ms(batch: int, length: int) -> tuple[float, str]:
+    q = torch.randn(batch, HQ, 1, D, dtype=torch.float16, device="cuda")
+    k = torch.randn(batch, HKV, length, D, dtype=torch.float16, device="cuda")
+    v = torch.randn_like(k)
+    gqa = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    qf = q.view(batch, HKV, HQ // HKV, D)  # the group's heads as queries of one KV head (no mask)
+    folded = bench_ms(lambda: F.scaled_dot_product_attention(qf, k, v))
+    return (gqa, "enable_gqa") if gqa <= folded else (folded, "group-folded")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--length", type=int, default=32768)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    length = args.length
+    nc = (length - 1) // NW - 1 if (length - 1) % NW == 0 else (length - 1) // NW
+    copy_bw = copy_bandwidth()
+    cases = [
+        ("B8 4-bit", 8, [(4, 4)] * nc),
+        ("B8 2-bit", 8, [(2, 2)] * nc),
+        ("B8 mixed 4/2", 8, [(4, 4)] * (nc // 2) + [(2, 2)] * (nc - nc // 2)),
+        ("B8 8-bit", 8, [(8, 8)] * nc),
+        ("B1 4-bit", 1, [(4, 4)] * nc),
+        ("B1 2-bit", 1, [(2, 2)] * nc),
+    ]
+    results = {"copy_GBps": copy_bw / 1e9, "length": length, "cases": []}
+    print(f"device {torch.cuda.get_device_name()}, copy bandwidth {copy_bw / 1e9:.0f} GB/s, {length} tokens")
+    print(f"{'case':<14} {'pmkvq us':>9} {'sdpa us':>8} {'speedup':>8} {'GB/s':>7} {'of copy':>8}  sdpa form")
+    sdpa_cache: dict[int, tuple[float, str]] = {}
+    for name, batch, chunks in cases:
+        lay, arena, state, table = make_cache(batch, length, chunks)
+        q = torch.randn(batch, HQ, D, dtype=torch.float16, device="cuda")
+        kn = torch.randn(batch, HKV, 1, D, dtype=torch.float16, device="cuda")
+        vn = torch.randn_like(kn)
+        lengths = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+        L = lay.to_list()
+        args = (q, kn, vn, arena, state, table, lengths, None, L, D**-0.5, 0)
+        ms = bench_ms(lambda args=args: ops.decode_attention(*args))
+        if batch not in sdpa_cache:
+            sdpa_cache[batch] = sdpa_ms(batch, length + 1)
+        base, form = sdpa_cache[batch]
+        nbytes = batch * (lay.body_offset + sum(lay.chunk_bytes(kb, vb) for kb, vb in chunks))
+        bw = nbytes / (ms * 1e-3)
+        print(f"{name:<14} {ms * 1e3:>9.1f} {base * 1e3:>8.1f} {base / ms:>7.2f}x {bw / 1e9:>7.0f} "
+              f"{bw / copy_bw:>7.0%}  {form}")  # fmt: skip
+        results["cases"].append(
+            {"case": name, "pmkvq_us": ms * 1e3, "sdpa_us": base * 1e3, "speedup": base / ms, "GBps": bw / 1e9,
+             "sdpa_form": form}
+        )  # fmt: skip
+        del arena
+    # append: one token per step, amortized over 2 windows (flushes included), body at 4 bits
+    batch = 8
+    lay, arena, state, table = make_cache(batch, length, [(4, 4)] * nc, spare_chunks=4)
+    L = lay.to_list()
+    kn = torch.randn(batch, HKV, 1, D, dtype=torch.float16, device="cuda")
+    steps = 2 * NW
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        ops.append(arena, state, table, kn, kn, None, L)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        ops.append(arena, state, table, kn, kn, None, L)
+    end.record()
+    torch.cuda.synchronize()
+    app_us = start.elapsed_time(end) * 1e3 / steps
+    assert int(state[5]) == 0, "append overflowed in the benchmark"
+    # the same, captured in a CUDA graph (what a compiled decode step does)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.append(arena, state, table, kn, kn, None, L)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        ops.append(arena, state, table, kn, kn, None, L)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    graph_us = start.elapsed_time(end) * 1e3 / steps
+    # full-body ERS pass, 4 -> 2 bits, B=8
+    lay, arena0, state0, table0 = make_cache(batch, length, [(4, 4)] * nc)
+    L = lay.to_list()
+    times = []
+    for _ in range(6):
+        arena, state, table = arena0.clone(), state0.clone(), table0.clone()
+        torch.cuda.synchronize()
+        start.record()
+        ops.requantize_body(arena, state, table, 2, 2, L)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    ers_us = statistics.median(times[1:])
+    body_bytes = batch * nc * lay.chunk_bytes(4, 4)
+    print(f"append 1 token, B{batch} (amortized over {steps} steps incl. flushes): {app_us:.1f} us eager, "
+          f"{graph_us:.1f} us as CUDA graph replay")  # fmt: skip
+    print(f"full-body ERS 4->2 bits, B{batch} x {length}: {ers_us:.0f} us ({body_bytes / 1e6:.0f} MB body, "
+          f"{body_bytes / (ers_us * 1e-6) / 1e9:.0f} GB/s read)")  # fmt: skip
+    results.update(append_us=app_us, append_graph_us=graph_us, ers_us=ers_us)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

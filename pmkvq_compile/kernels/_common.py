@@ -1,0 +1,267 @@
+"""@triton.jit helpers shared by the kernels (no launchers here).
+
+Every kernel works on codes in a canonical *4-part* form: for a row of ``D`` codes, part ``j`` (j = 0..3) is
+the ``[.., D/4]`` tensor of elements ``4i + j``. Four consecutive codes always fill ``bits / 2`` whole bytes
+of the quant.pack layout (one u8 at 2 bits, one u16 at 4, one u32 at 8, two u32 at 16), so loads and stores
+are word-wide at every bit-width, with the bit-width a run-time value (body chunks differ).
+
+Pointers into one arena come as four views of the same storage: ``a8`` (uint8), ``a16`` (int16),
+``a32`` (int32) and ``af`` (float32); row byte offsets are multiples of 4 wherever 32-bit words are used.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_codes4(a8, a16, a32, base, i, mask, bits):
+    """Codes of rows starting at byte ``base`` ``[R]`` (int64), columns ``i`` ``[D/4]``: 4 x int32 ``[R, D/4]``."""
+    m = mask[:, None]
+    if bits == 2:
+        w = tl.load(a8 + base[:, None] + i[None, :], mask=m, other=0).to(tl.int32)
+        c0 = w & 3
+        c1 = (w >> 2) & 3
+        c2 = (w >> 4) & 3
+        c3 = (w >> 6) & 3
+    elif bits == 4:
+        w = tl.load(a16 + base[:, None] // 2 + i[None, :], mask=m, other=0).to(tl.int32)
+        c0 = w & 15
+        c1 = (w >> 4) & 15
+        c2 = (w >> 8) & 15
+        c3 = (w >> 12) & 15
+    elif bits == 8:
+        w = tl.load(a32 + base[:, None] // 4 + i[None, :], mask=m, other=0)
+        c0 = w & 255
+        c1 = (w >> 8) & 255
+        c2 = (w >> 16) & 255
+        c3 = (w >> 24) & 255
+    else:
+        w0 = tl.load(a32 + base[:, None] // 4 + 2 * i[None, :], mask=m, other=0)
+        w1 = tl.load(a32 + base[:, None] // 4 + 2 * i[None, :] + 1, mask=m, other=0)
+        c0 = w0 & 65535
+        c1 = (w0 >> 16) & 65535
+        c2 = w1 & 65535
+        c3 = (w1 >> 16) & 65535
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def store_codes4(a8, a16, a32, base, i, mask, bits, c0, c1, c2, c3):
+    """Pack 4-part codes (int32 ``[R, D/4]``) at ``bits`` into rows starting at byte ``base`` ``[R]``."""
+    m = mask[:, None]
+    if bits == 2:
+        w = c0 | (c1 << 2) | (c2 << 4) | (c3 << 6)
+        tl.store(a8 + base[:, None] + i[None, :], w.to(tl.uint8), mask=m)
+    elif bits == 4:
+        w = c0 | (c1 << 4) | (c2 << 8) | (c3 << 12)
+        tl.store(a16 + base[:, None] // 2 + i[None, :], w.to(tl.int16), mask=m)
+    elif bits == 8:
+        w = c0 | (c1 << 8) | (c2 << 16) | (c3 << 24)
+        tl.store(a32 + base[:, None] // 4 + i[None, :], w, mask=m)
+    else:
+        tl.store(a32 + base[:, None] // 4 + 2 * i[None, :], c0 | (c1 << 16), mask=m)
+        tl.store(a32 + base[:, None] // 4 + 2 * i[None, :] + 1, c2 | (c3 << 16), mask=m)
+
+
+@triton.jit
+def group_bcast(x, R: tl.constexpr, G: tl.constexpr, W: tl.constexpr):
+    """``[R, G]`` -> ``[R, G * W]``: each group's value repeated over its ``W`` columns of a part."""
+    return tl.reshape(tl.broadcast_to(x[:, :, None], [R, G, W]), [R, G * W])
+
+
+@triton.jit
+def quantize4(x0, x1, x2, x3, bits, R: tl.constexpr, G: tl.constexpr, W: tl.constexpr):
+    """Quantize float32 4-part rows ``[R, D/4]`` (``W = group_size / 4`` columns per group and part).
+
+    Bit-exact with quant.quantize: ``scale = clamp((max - min) / qmax, 1e-5, 1e5)``, ``zero = -min``,
+    ``q = clamp(floor((x + zero) / scale + 0.5), 0, qmax)`` with IEEE divisions. Returns 4 x int32 codes and
+    float32 ``scale``, ``zero`` ``[R, G]``.
+    """
+    mx = tl.maximum(
+        tl.maximum(tl.reshape(x0, [R, G, W]), tl.reshape(x1, [R, G, W])),
+        tl.maximum(tl.reshape(x2, [R, G, W]), tl.reshape(x3, [R, G, W])),
+    )
+    mn = tl.minimum(
+        tl.minimum(tl.reshape(x0, [R, G, W]), tl.reshape(x1, [R, G, W])),
+        tl.minimum(tl.reshape(x2, [R, G, W]), tl.reshape(x3, [R, G, W])),
+    )
+    mx = tl.max(mx, axis=2)
+    mn = tl.min(mn, axis=2)
+    qmax = tl.zeros_like(mx) + ((1 << bits) - 1)
+    scale = tl.math.div_rn(mx - mn, qmax)
+    qmax = group_bcast(qmax, R, G, W)
+    scale = tl.minimum(tl.maximum(scale, 1e-5), 1e5)
+    zero = -mn
+    sb = group_bcast(scale, R, G, W)
+    zb = group_bcast(zero, R, G, W)
+    c0 = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x0 + zb, sb) + 0.5), 0.0), qmax).to(tl.int32)
+    c1 = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x1 + zb, sb) + 0.5), 0.0), qmax).to(tl.int32)
+    c2 = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x2 + zb, sb) + 0.5), 0.0), qmax).to(tl.int32)
+    c3 = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x3 + zb, sb) + 0.5), 0.0), qmax).to(tl.int32)
+    return c0, c1, c2, c3, scale, zero
+
+
+@triton.jit
+def _ers_once(q, c):
+    mul = (1 << (2 * c)) - (1 << c) + 1
+    add = (1 << (3 * c - 1)) - (1 << (2 * c - 1)) + (1 << (c - 1))
+    return (((q.to(tl.int64) * mul + add) >> (3 * c)) & ((1 << c) - 1)).to(tl.int32)
+
+
+@triton.jit
+def ers_codes4(c0, c1, c2, c3, bits, target):
+    """ERS 4-part codes from ``bits`` down to ``target`` level by level (quant.requantize, repeated)."""
+    bits = bits + tl.zeros([], dtype=tl.int32)
+    for _ in tl.static_range(3):
+        do = bits > target
+        c = tl.maximum(bits // 2, 1)
+        c0 = tl.where(do, _ers_once(c0, c), c0)
+        c1 = tl.where(do, _ers_once(c1, c), c1)
+        c2 = tl.where(do, _ers_once(c2, c), c2)
+        c3 = tl.where(do, _ers_once(c3, c), c3)
+        bits = tl.where(do, c, bits)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def ers4(c0, c1, c2, c3, scale, bits, target):
+    """:func:`ers_codes4` plus the scale: multiplied by ``2^c + 1`` at each level (float32, any shape)."""
+    c0, c1, c2, c3 = ers_codes4(c0, c1, c2, c3, bits, target)
+    return c0, c1, c2, c3, ers_scale(scale, bits, target)
+
+
+@triton.jit
+def region_meta_base(off, cap, kb, vb, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr):
+    """Index (in float32 units) of a region's meta; part ``p`` (k_scale, k_zero, v_scale, v_zero) of row
+    ``h * cap + n`` is at ``base + p * HKV * cap * G + (h * cap + n) * G``."""
+    return (off + HKV * cap * (D * (kb + vb) // 8)) // 4
+
+
+@triton.jit
+def next_bits(kb, vb, fk, fv):
+    """The cache's ERS schedule on the device (see layout.next_body_bits); returns (kb', vb', ok)."""
+    ek = kb > 2
+    ev = vb > 2
+    # ratio kb/fk vs vb/fv compared by cross-multiplication
+    k_top = ek & ((ev == 0) | (kb * fv >= vb * fk))
+    v_top = ev & ((ek == 0) | (vb * fk >= kb * fv))
+    nkb = tl.where(k_top, kb // 2, kb)
+    nvb = tl.where(v_top, vb // 2, vb)
+    return nkb, nvb, ek | ev
+
+
+@triton.jit
+def ers_scale(scale, bits, target):
+    """The scale half of :func:`ers4`: ``scale * (2^c + 1)`` per level from ``bits`` down to ``target``."""
+    bits = bits + tl.zeros([], dtype=tl.int32)
+    for _ in tl.static_range(3):
+        do = bits > target
+        c = tl.maximum(bits // 2, 1)
+        scale = tl.where(do, scale * ((1 << c) + 1).to(tl.float32), scale)
+        bits = tl.where(do, c, bits)
+    return scale
+
+
+@triton.jit
+def _deq_part(c, sc, zr, DT: tl.constexpr):
+    return (c.to(tl.float32) * sc - zr).to(DT)
+
+
+@triton.jit
+def attend_segment(
+    q0,
+    q1,
+    q2,
+    q3,
+    m_i,
+    l_i,
+    acc0,
+    acc1,
+    acc2,
+    acc3,
+    a8,
+    a16,
+    a32,
+    af,
+    row0,
+    off,
+    cap,
+    kb,
+    vb,
+    n_valid,
+    h,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    GS: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Online-softmax attention of 4-part queries ``[M, D/4]`` (already scaled by sm_scale * log2 e) over the
+    first ``n_valid`` tokens of one region of KV head ``h``. Returns the updated ``m, l, acc0..3``."""
+    i = tl.arange(0, D // 4)
+    gi = (4 * i) // GS  # group of column i (all four parts share it)
+    PART = HKV * cap * G
+    mb = row0 // 4 + (off + HKV * cap * (D * (kb + vb) // 8)) // 4
+    kstart = row0 + off
+    vstart = row0 + off + HKV * cap * (D * kb // 8)
+    for n0 in range(0, n_valid, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nm = n < n_valid
+        r = (h * cap + n).to(tl.int64)
+        c0, c1, c2, c3 = load_codes4(a8, a16, a32, kstart + r * (D * kb // 8), i, nm, kb)
+        gidx = r[:, None] * G + gi[None, :]
+        ks = tl.load(af + mb + gidx, mask=nm[:, None], other=0.0)
+        kz = tl.load(af + mb + PART + gidx, mask=nm[:, None], other=0.0)
+        s = tl.dot(q0, tl.trans(_deq_part(c0, ks, kz, DT)), input_precision=PREC)
+        s += tl.dot(q1, tl.trans(_deq_part(c1, ks, kz, DT)), input_precision=PREC)
+        s += tl.dot(q2, tl.trans(_deq_part(c2, ks, kz, DT)), input_precision=PREC)
+        s += tl.dot(q3, tl.trans(_deq_part(c3, ks, kz, DT)), input_precision=PREC)
+        s = tl.where(nm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+        pd = p.to(DT)
+        c0, c1, c2, c3 = load_codes4(a8, a16, a32, vstart + r * (D * vb // 8), i, nm, vb)
+        vs = tl.load(af + mb + 2 * PART + gidx, mask=nm[:, None], other=0.0)
+        vz = tl.load(af + mb + 3 * PART + gidx, mask=nm[:, None], other=0.0)
+        acc0 = acc0 * alpha[:, None] + tl.dot(pd, _deq_part(c0, vs, vz, DT), input_precision=PREC)
+        acc1 = acc1 * alpha[:, None] + tl.dot(pd, _deq_part(c1, vs, vz, DT), input_precision=PREC)
+        acc2 = acc2 * alpha[:, None] + tl.dot(pd, _deq_part(c2, vs, vz, DT), input_precision=PREC)
+        acc3 = acc3 * alpha[:, None] + tl.dot(pd, _deq_part(c3, vs, vz, DT), input_precision=PREC)
+    return m_i, l_i, acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def segment_of(
+    s,
+    n_chunks,
+    length,
+    table,
+    N_SINK: tl.constexpr,
+    NW: tl.constexpr,
+    SB: tl.constexpr,
+    WB: tl.constexpr,
+    WIN_OFF: tl.constexpr,
+):
+    """Segment ``s`` of the past, oldest first (0 = sink, 1..n_chunks = body chunks, n_chunks + 1 = window):
+    ``(offset, capacity, key_bits, value_bits, tokens to read)`` for a row of ``length`` past tokens."""
+    is_sink = s == 0
+    is_win = s == n_chunks + 1
+    ci = tl.minimum(tl.maximum(s - 1, 0), tl.maximum(n_chunks - 1, 0))
+    is_chunk = (is_sink == 0) & (is_win == 0)
+    t_off = tl.load(table + ci * 3 + 0, mask=is_chunk, other=0)
+    t_kb = tl.load(table + ci * 3 + 1, mask=is_chunk, other=2)
+    t_vb = tl.load(table + ci * 3 + 2, mask=is_chunk, other=2)
+    off = tl.where(is_sink, 0, tl.where(is_win, WIN_OFF, t_off))
+    cap = tl.where(is_sink, N_SINK, NW)
+    kb = tl.where(is_sink, SB, tl.where(is_win, WB, t_kb))
+    vb = tl.where(is_sink, SB, tl.where(is_win, WB, t_vb))
+    tok0 = tl.where(is_sink, 0, N_SINK + (s - 1) * NW)
+    n_valid = tl.minimum(cap, tl.maximum(length - tok0, 0))
+    return off, cap, kb, vb, n_valid

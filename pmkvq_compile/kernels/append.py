@@ -1,0 +1,567 @@
+"""Quantize-and-append of new K/V tokens into the packed arena, with the progressive ERS shrink, on device.
+
+Four launches, in stream order, none of which needs the host to read the state:
+
+1. ``_plan_kernel`` (one program): from ``state`` and ``T`` decide sink/window/flush counts and the body's
+   new bits (the cache's ERS schedule), write them to a small int32 plan, update ``state`` and ``table``.
+2. ``_shrink_kernel`` (one program per batch row; a no-op unless the body's bits drop): ERS every body chunk
+   in place and compact the chunks, in order, K codes then V codes then meta, a barrier between each block's
+   loads and stores. New offsets never pass old ones, so this is race-free in one program.
+3. ``_flush_kernel``: full window chunks (old window tokens + new tokens) ERS'd from window bits to the
+   body's bits into new body chunks.
+4. ``_tail_kernel``: new tokens that land in the sink (sink bits) or in the window (window bits).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    ers4,
+    ers_codes4,
+    ers_scale,
+    load_codes4,
+    next_bits,
+    quantize4,
+    region_meta_base,
+    store_codes4,
+)
+from .layout import ArenaLayout, check_layout_tensors
+
+__all__ = ["append", "requantize_body_launch"]
+
+PLAN_SIZE = 16
+# plan fields
+_VALID, _TO_SINK, _N_FLUSH, _NT, _WL, _NC, _OKB, _OVB, _NKB, _NVB, _SHRINK = range(11)
+
+
+@triton.jit
+def _chunk_bytes(kb, vb, NW: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr):
+    return NW * HKV * (D * (kb + vb) // 8 + 16 * G)
+
+
+@triton.jit
+def _plan_kernel(
+    state,
+    table,
+    plan,
+    T,
+    TARGET_KB,
+    TARGET_VB,
+    FORCE: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    N_SINK: tl.constexpr,
+    NW: tl.constexpr,
+    FK: tl.constexpr,
+    FV: tl.constexpr,
+    BODY_OFF: tl.constexpr,
+    BODY_CAP: tl.constexpr,
+    C_CAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    nt = tl.load(state + 0)
+    wl = tl.load(state + 1)
+    nc = tl.load(state + 2)
+    okb = tl.load(state + 3)
+    ovb = tl.load(state + 4)
+    to_sink = tl.minimum(tl.maximum(N_SINK - nt, 0), T)
+    n_flush = (wl + T - to_sink) // NW
+    nc_new = nc + n_flush
+    kb = okb
+    vb = ovb
+    if FORCE:
+        # requantize_body: an explicit target, no schedule
+        kb = tl.minimum(okb, TARGET_KB)
+        vb = tl.minimum(ovb, TARGET_VB)
+        overflow = kb < 0
+    else:
+        for _ in tl.static_range(7):
+            need = nc_new.to(tl.int64) * _chunk_bytes(kb, vb, NW, HKV, D, G) > BODY_CAP
+            nkb, nvb, can = next_bits(kb, vb, FK, FV)
+            kb = tl.where(need & can, nkb, kb)
+            vb = tl.where(need & can, nvb, vb)
+        overflow = nc_new.to(tl.int64) * _chunk_bytes(kb, vb, NW, HKV, D, G) > BODY_CAP
+    vi = tl.where(overflow, 0, 1)
+    valid = vi != 0
+    shrink = tl.where(valid & ((kb != okb) | (vb != ovb)) & (nc > 0), 1, 0)
+    tl.store(plan + 0, vi)
+    tl.store(plan + 1, to_sink)
+    tl.store(plan + 2, n_flush)
+    tl.store(plan + 3, nt)
+    tl.store(plan + 4, wl)
+    tl.store(plan + 5, nc)
+    tl.store(plan + 6, okb)
+    tl.store(plan + 7, ovb)
+    tl.store(plan + 8, kb)
+    tl.store(plan + 9, vb)
+    tl.store(plan + 10, shrink)
+    tl.store(state + 0, nt + T, mask=valid)
+    tl.store(state + 1, wl + T - to_sink - n_flush * NW, mask=valid)
+    tl.store(state + 2, nc_new, mask=valid)
+    tl.store(state + 3, kb, mask=valid)
+    tl.store(state + 4, vb, mask=valid)
+    tl.store(state + 5, 1, mask=vi == 0)
+    cb = _chunk_bytes(kb, vb, NW, HKV, D, G)
+    for i0 in range(0, C_CAP, BLOCK):
+        idx = i0 + tl.arange(0, BLOCK)
+        m = (idx < nc_new) & (idx * 0 + vi != 0)
+        tl.store(table + idx * 3, BODY_OFF + idx * cb, mask=m)
+        tl.store(table + idx * 3 + 1, kb + idx * 0, mask=m)
+        tl.store(table + idx * 3 + 2, vb + idx * 0, mask=m)
+
+
+@triton.jit
+def _shrink_codes(
+    a8,
+    a16,
+    a32,
+    row0,
+    old_start,
+    new_start,
+    obits,
+    nbits,
+    ROWS: tl.constexpr,
+    D: tl.constexpr,
+    R: tl.constexpr,
+):
+    """Rows ``[0, ROWS)`` of codes at ``obits`` from ``old_start`` to ``nbits`` at ``new_start`` (in order)."""
+    i = tl.arange(0, D // 4)
+    for r0 in range(0, ROWS, R):
+        r = r0 + tl.arange(0, R)
+        m = r < ROWS
+        c0, c1, c2, c3 = load_codes4(
+            a8, a16, a32, row0 + old_start + r.to(tl.int64) * (D * obits // 8), i, m, obits
+        )
+        c0, c1, c2, c3 = ers_codes4(c0, c1, c2, c3, obits, nbits)
+        tl.debug_barrier()
+        store_codes4(
+            a8, a16, a32, row0 + new_start + r.to(tl.int64) * (D * nbits // 8), i, m, nbits, c0, c1, c2, c3
+        )
+        tl.debug_barrier()
+
+
+@triton.jit
+def _shrink_kernel(
+    a8,
+    a16,
+    a32,
+    af,
+    plan,
+    ROW_BYTES,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    NW: tl.constexpr,
+    BODY_OFF: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    row0 = b.to(tl.int64) * ROW_BYTES
+    shrink = tl.load(plan + 10)
+    nc = tl.load(plan + 5)
+    okb = tl.load(plan + 6)
+    ovb = tl.load(plan + 7)
+    nkb = tl.load(plan + 8)
+    nvb = tl.load(plan + 9)
+    if shrink != 0:
+        ocb = NW * HKV * (D * (okb + ovb) // 8 + 16 * G)
+        ncb = NW * HKV * (D * (nkb + nvb) // 8 + 16 * G)
+        for c in range(0, nc):
+            oo = BODY_OFF + c * ocb.to(tl.int64)
+            no = BODY_OFF + c * ncb.to(tl.int64)
+            _shrink_codes(a8, a16, a32, row0, oo, no, okb, nkb, HKV * NW, D, R)
+            _shrink_codes(
+                a8,
+                a16,
+                a32,
+                row0,
+                oo + HKV * NW * (D * okb // 8),
+                no + HKV * NW * (D * nkb // 8),
+                ovb,
+                nvb,
+                HKV * NW,
+                D,
+                R,
+            )
+            om = row0 // 4 + region_meta_base(oo, NW, okb, ovb, HKV, D, G)
+            nm = row0 // 4 + region_meta_base(no, NW, nkb, nvb, HKV, D, G)
+            PART: tl.constexpr = HKV * NW * G
+            for e0 in range(0, 4 * PART, BLOCK):
+                e = e0 + tl.arange(0, BLOCK)
+                m = e < 4 * PART
+                x = tl.load(af + om + e, mask=m, other=0.0)
+                part = e // PART
+                x = tl.where(part == 0, ers_scale(x, okb, nkb), x)
+                x = tl.where(part == 2, ers_scale(x, ovb, nvb), x)
+                tl.debug_barrier()
+                tl.store(af + nm + e, x, mask=m)
+                tl.debug_barrier()
+
+
+@triton.jit
+def _load_new4(ptr, ks, b, h, t, mask, T, HKV: tl.constexpr, D: tl.constexpr, HAS_KS: tl.constexpr):
+    """New tokens ``t`` [R] of head ``h`` from ``[B, Hkv, T, D]``, float32 4-part (keys divided by the
+    key scale and rounded back to the input dtype first, as the cache does)."""
+    i = tl.arange(0, D // 4)
+    row = ((b * HKV + h) * T).to(tl.int64) + t
+    p = ptr + row[:, None] * D + 4 * i[None, :]
+    m = mask[:, None]
+    x0 = tl.load(p + 0, mask=m, other=0.0)
+    x1 = tl.load(p + 1, mask=m, other=0.0)
+    x2 = tl.load(p + 2, mask=m, other=0.0)
+    x3 = tl.load(p + 3, mask=m, other=0.0)
+    if HAS_KS:
+        sp = ks + h * (D // 2) + (4 * i) % (D // 2)
+        x0 = tl.math.div_rn(x0.to(tl.float32), tl.load(sp + 0)[None, :]).to(x0.dtype)
+        x1 = tl.math.div_rn(x1.to(tl.float32), tl.load(sp + 1)[None, :]).to(x1.dtype)
+        x2 = tl.math.div_rn(x2.to(tl.float32), tl.load(sp + 2)[None, :]).to(x2.dtype)
+        x3 = tl.math.div_rn(x3.to(tl.float32), tl.load(sp + 3)[None, :]).to(x3.dtype)
+    return x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32)
+
+
+@triton.jit
+def _store_meta(af, mbase, h, n, cap, mask, part, val, HKV: tl.constexpr, G: tl.constexpr):
+    g = tl.arange(0, G)
+    idx = mbase + part * HKV * cap * G + (h * cap + n).to(tl.int64)[:, None] * G + g[None, :]
+    tl.store(af + idx, val, mask=mask[:, None])
+
+
+@triton.jit
+def _load_meta(af, mbase, h, n, cap, mask, part, HKV: tl.constexpr, G: tl.constexpr):
+    g = tl.arange(0, G)
+    idx = mbase + part * HKV * cap * G + (h * cap + n).to(tl.int64)[:, None] * G + g[None, :]
+    return tl.load(af + idx, mask=mask[:, None], other=0.0)
+
+
+@triton.jit
+def _put_row_codes(
+    a8,
+    a16,
+    a32,
+    af,
+    row0,
+    off,
+    cap,
+    n,
+    h,
+    mask,
+    kb,
+    vb,
+    k0,
+    k1,
+    k2,
+    k3,
+    ks,
+    kz,
+    v0,
+    v1,
+    v2,
+    v3,
+    vs,
+    vz,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+):
+    """Store K/V codes and meta of rows ``n`` [R] of head ``h`` in a region (``off``, ``cap``, ``kb``, ``vb``)."""
+    i = tl.arange(0, D // 4)
+    r = (h * cap + n).to(tl.int64)
+    kbase = row0 + off + r * (D * kb // 8)
+    vbase = row0 + off + HKV * cap * (D * kb // 8) + r * (D * vb // 8)
+    store_codes4(a8, a16, a32, kbase, i, mask, kb, k0, k1, k2, k3)
+    store_codes4(a8, a16, a32, vbase, i, mask, vb, v0, v1, v2, v3)
+    mb = row0 // 4 + region_meta_base(off, cap, kb, vb, HKV, D, G)
+    _store_meta(af, mb, h, n, cap, mask, 0, ks, HKV, G)
+    _store_meta(af, mb, h, n, cap, mask, 1, kz, HKV, G)
+    _store_meta(af, mb, h, n, cap, mask, 2, vs, HKV, G)
+    _store_meta(af, mb, h, n, cap, mask, 3, vz, HKV, G)
+
+
+@triton.jit
+def _flush_kernel(
+    a8,
+    a16,
+    a32,
+    af,
+    plan,
+    key,
+    value,
+    ks_ptr,
+    ROW_BYTES,
+    T,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    GS: tl.constexpr,
+    G: tl.constexpr,
+    NW: tl.constexpr,
+    WB: tl.constexpr,
+    WIN_OFF: tl.constexpr,
+    BODY_OFF: tl.constexpr,
+    HAS_KS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    p = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    valid = tl.load(plan + 0)
+    to_sink = tl.load(plan + 1)
+    n_flush = tl.load(plan + 2)
+    wl = tl.load(plan + 4)
+    nc = tl.load(plan + 5)
+    nkb = tl.load(plan + 8)
+    nvb = tl.load(plan + 9)
+    row0 = b.to(tl.int64) * ROW_BYTES
+    if (valid != 0) & (tl.program_id(2) * BLOCK_T < n_flush * NW):
+        mask = p < n_flush * NW
+        from_win = p < wl
+        i = tl.arange(0, D // 4)
+        W: tl.constexpr = GS // 4
+        # old window tokens (window bits)
+        wm = mask & from_win
+        wr = (h * NW + p).to(tl.int64)
+        wk0, wk1, wk2, wk3 = load_codes4(a8, a16, a32, row0 + WIN_OFF + wr * (D * WB // 8), i, wm, WB)
+        wv0, wv1, wv2, wv3 = load_codes4(
+            a8, a16, a32, row0 + WIN_OFF + HKV * NW * (D * WB // 8) + wr * (D * WB // 8), i, wm, WB
+        )
+        wmb = row0 // 4 + region_meta_base(WIN_OFF, NW, WB, WB, HKV, D, G)
+        wks = _load_meta(af, wmb, h, p, NW, wm, 0, HKV, G)
+        wkz = _load_meta(af, wmb, h, p, NW, wm, 1, HKV, G)
+        wvs = _load_meta(af, wmb, h, p, NW, wm, 2, HKV, G)
+        wvz = _load_meta(af, wmb, h, p, NW, wm, 3, HKV, G)
+        # new tokens, quantized at window bits
+        nm = mask & (from_win == 0)
+        t = to_sink + p - wl
+        x0, x1, x2, x3 = _load_new4(key, ks_ptr, b, h, t, nm, T, HKV, D, HAS_KS)
+        nk0, nk1, nk2, nk3, nks, nkz = quantize4(x0, x1, x2, x3, WB, BLOCK_T, G, W)
+        x0, x1, x2, x3 = _load_new4(value, ks_ptr, b, h, t, nm, T, HKV, D, False)
+        nv0, nv1, nv2, nv3, nvs, nvz = quantize4(x0, x1, x2, x3, WB, BLOCK_T, G, W)
+        fw = from_win[:, None]
+        k0, k1, k2, k3, ksc = ers4(
+            tl.where(fw, wk0, nk0),
+            tl.where(fw, wk1, nk1),
+            tl.where(fw, wk2, nk2),
+            tl.where(fw, wk3, nk3),
+            tl.where(fw, wks, nks),
+            WB,
+            nkb,
+        )
+        v0, v1, v2, v3, vsc = ers4(
+            tl.where(fw, wv0, nv0),
+            tl.where(fw, wv1, nv1),
+            tl.where(fw, wv2, nv2),
+            tl.where(fw, wv3, nv3),
+            tl.where(fw, wvs, nvs),
+            WB,
+            nvb,
+        )
+        kz = tl.where(fw, wkz, nkz)
+        vz = tl.where(fw, wvz, nvz)
+        cb = NW * HKV * (D * (nkb + nvb) // 8 + 16 * G)
+        chunk = nc + p // NW
+        n = p % NW
+        off = BODY_OFF + chunk.to(tl.int64) * cb
+        # rows of different chunks in one block: store per row (off is a vector)
+        r = (h * NW + n).to(tl.int64)
+        kbase = row0 + off + r * (D * nkb // 8)
+        vbase = row0 + off + HKV * NW * (D * nkb // 8) + r * (D * nvb // 8)
+        store_codes4(a8, a16, a32, kbase, i, mask, nkb, k0, k1, k2, k3)
+        store_codes4(a8, a16, a32, vbase, i, mask, nvb, v0, v1, v2, v3)
+        g = tl.arange(0, G)
+        mb = row0 // 4 + (off + HKV * NW * (D * (nkb + nvb) // 8)) // 4
+        PART: tl.constexpr = HKV * NW * G
+        idx = mb[:, None] + r[:, None] * G + g[None, :]
+        mm = mask[:, None]
+        tl.store(af + idx, ksc, mask=mm)
+        tl.store(af + idx + PART, kz, mask=mm)
+        tl.store(af + idx + 2 * PART, vsc, mask=mm)
+        tl.store(af + idx + 3 * PART, vz, mask=mm)
+
+
+@triton.jit
+def _tail_kernel(
+    a8,
+    a16,
+    a32,
+    af,
+    plan,
+    key,
+    value,
+    ks_ptr,
+    ROW_BYTES,
+    T,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    GS: tl.constexpr,
+    G: tl.constexpr,
+    NW: tl.constexpr,
+    N_SINK: tl.constexpr,
+    SB: tl.constexpr,
+    WB: tl.constexpr,
+    WIN_OFF: tl.constexpr,
+    HAS_KS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    valid = tl.load(plan + 0)
+    to_sink = tl.load(plan + 1)
+    n_flush = tl.load(plan + 2)
+    nt = tl.load(plan + 3)
+    wl = tl.load(plan + 4)
+    row0 = b.to(tl.int64) * ROW_BYTES
+    W: tl.constexpr = GS // 4
+    mask = (t < T) & (t * 0 + valid != 0)
+    k0, k1, k2, k3 = _load_new4(key, ks_ptr, b, h, t, mask, T, HKV, D, HAS_KS)
+    v0, v1, v2, v3 = _load_new4(value, ks_ptr, b, h, t, mask, T, HKV, D, False)
+    if N_SINK > 0:
+        sm = mask & (t < to_sink)
+        kc0, kc1, kc2, kc3, kss, kzz = quantize4(k0, k1, k2, k3, SB, BLOCK_T, G, W)
+        vc0, vc1, vc2, vc3, vss, vzz = quantize4(v0, v1, v2, v3, SB, BLOCK_T, G, W)
+        _put_row_codes(
+            a8,
+            a16,
+            a32,
+            af,
+            row0,
+            0,
+            N_SINK,
+            nt + t,
+            h,
+            sm,
+            SB,
+            SB,
+            kc0,
+            kc1,
+            kc2,
+            kc3,
+            kss,
+            kzz,
+            vc0,
+            vc1,
+            vc2,
+            vc3,
+            vss,
+            vzz,
+            HKV,
+            D,
+            G,
+        )
+    p = wl + t - to_sink
+    wm = mask & (t >= to_sink) & (p >= n_flush * NW)
+    kc0, kc1, kc2, kc3, kss, kzz = quantize4(k0, k1, k2, k3, WB, BLOCK_T, G, W)
+    vc0, vc1, vc2, vc3, vss, vzz = quantize4(v0, v1, v2, v3, WB, BLOCK_T, G, W)
+    _put_row_codes(
+        a8,
+        a16,
+        a32,
+        af,
+        row0,
+        WIN_OFF,
+        NW,
+        p - n_flush * NW,
+        h,
+        wm,
+        WB,
+        WB,
+        kc0,
+        kc1,
+        kc2,
+        kc3,
+        kss,
+        kzz,
+        vc0,
+        vc1,
+        vc2,
+        vc3,
+        vss,
+        vzz,
+        HKV,
+        D,
+        G,
+    )
+
+
+def _views(arena: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return arena, arena.view(torch.int16), arena.view(torch.int32), arena.view(torch.float32)
+
+
+def _run_plan(state, table, lay: ArenaLayout, t: int, force: tuple[int, int] | None) -> torch.Tensor:
+    plan = torch.empty(PLAN_SIZE, dtype=torch.int32, device=state.device)
+    _plan_kernel[(1,)](
+        state, table, plan, t,
+        force[0] if force else 0, force[1] if force else 0, FORCE=force is not None,
+        HKV=lay.num_kv_heads, D=lay.head_dim, G=lay.groups, N_SINK=lay.n_sink, NW=lay.n_window,
+        FK=lay.key_bits, FV=lay.value_bits, BODY_OFF=lay.body_offset, BODY_CAP=lay.body_capacity,
+        C_CAP=lay.max_chunks, BLOCK=min(triton.next_power_of_2(lay.max_chunks), 1024),
+    )  # fmt: skip
+    return plan
+
+
+def _run_shrink(arena, plan, lay: ArenaLayout) -> None:
+    a8, a16, a32, af = _views(arena)
+    _shrink_kernel[(arena.shape[0],)](
+        a8, a16, a32, af, plan, arena.shape[1],
+        HKV=lay.num_kv_heads, D=lay.head_dim, G=lay.groups, NW=lay.n_window, BODY_OFF=lay.body_offset,
+        R=32, BLOCK=1024, num_warps=4,
+    )  # fmt: skip
+
+
+def append(
+    arena: torch.Tensor,
+    state: torch.Tensor,
+    table: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_scale: torch.Tensor | None,
+    layout: list[int],
+) -> None:
+    """Triton launcher with :func:`pmkvq_compile.kernels.reference.append`'s signature and semantics."""
+    lay = ArenaLayout.from_list(layout)
+    check_layout_tensors(lay, arena, state, table)
+    if not lay.triton_supported():
+        raise ValueError(f"the Triton kernels need a power-of-two head_dim >= 64, got {lay}")
+    b, h, t, d = key.shape
+    if value.shape != key.shape or (h, d) != (lay.num_kv_heads, lay.head_dim) or b != arena.shape[0]:
+        raise ValueError(
+            f"key/value must be [B={arena.shape[0]}, {lay.num_kv_heads}, T, {lay.head_dim}], got "
+            f"{tuple(key.shape)} / {tuple(value.shape)}"
+        )
+    if t == 0:
+        return
+    key, value = key.contiguous(), value.contiguous()
+    has_ks = key_scale is not None
+    ks = key_scale.to(device=key.device, dtype=torch.float32).contiguous() if has_ks else key
+    plan = _run_plan(state, table, lay, t, None)
+    _run_shrink(arena, plan, lay)
+    a8, a16, a32, af = _views(arena)
+    block_t = 16
+    nblk = triton.cdiv(lay.n_window - 1 + t, block_t)
+    common = dict(HKV=h, D=d, GS=lay.group_size, G=lay.groups, NW=lay.n_window, WB=lay.window_bits,
+                  WIN_OFF=lay.window_offset, HAS_KS=has_ks, BLOCK_T=block_t)  # fmt: skip
+    _flush_kernel[(b, h, nblk)](a8, a16, a32, af, plan, key, value, ks, arena.shape[1], t,
+                                BODY_OFF=lay.body_offset, **common)  # fmt: skip
+    _tail_kernel[(b, h, triton.cdiv(t, block_t))](a8, a16, a32, af, plan, key, value, ks, arena.shape[1], t,
+                                                  N_SINK=lay.n_sink, SB=lay.sink_bits, **common)  # fmt: skip
+
+
+def requantize_body_launch(
+    arena: torch.Tensor,
+    state: torch.Tensor,
+    table: torch.Tensor,
+    key_bits: int,
+    value_bits: int,
+    layout: list[int],
+) -> None:
+    """Triton launcher with :func:`pmkvq_compile.kernels.reference.requantize_body`'s signature."""
+    lay = ArenaLayout.from_list(layout)
+    check_layout_tensors(lay, arena, state, table)
+    if not lay.triton_supported():
+        raise ValueError(f"the Triton kernels need a power-of-two head_dim >= 64, got {lay}")
+    plan = _run_plan(state, table, lay, 0, (key_bits, value_bits))
+    _run_shrink(arena, plan, lay)
