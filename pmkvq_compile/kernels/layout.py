@@ -44,14 +44,18 @@ STATE_SIZE = 8
 
 
 def next_body_bits(key_bits: int, value_bits: int, final: tuple[int, int]) -> tuple[int, int] | None:
-    """The cache's ERS schedule (:func:`pmkvq_compile.cache.next_body_bits`): one level down, None at (2, 2).
-
-    The kernels compute the same rule on the device: the sides (keys, values) above 2 bits whose ratio
-    ``bits / final`` is the largest shrink together.
-    """
-    from ..cache import next_body_bits as schedule  # the cache imports the ops: import at call time
-
-    return schedule(key_bits, value_bits, final)
+    """The cache's ERS schedule (same rule as :func:`pmkvq_compile.cache.next_body_bits`, tested equal; kept
+    here so the kernels need no transformers import): the sides (keys, values) above 2 bits whose ratio
+    ``bits / final`` is the largest shrink together; None at (2, 2)."""
+    ratios = {
+        side: bits / f for side, bits, f in ((0, key_bits, final[0]), (1, value_bits, final[1])) if bits > 2
+    }
+    if not ratios:
+        return None
+    top = max(ratios.values())
+    kb = key_bits // 2 if ratios.get(0) == top else key_bits
+    vb = value_bits // 2 if ratios.get(1) == top else value_bits
+    return kb, vb
 
 
 @dataclass(frozen=True)

@@ -100,3 +100,14 @@ def test_attention_reference_matches_sdpa(t: int) -> None:
             q[:, :, 0], kn, vn, arena, state, table, lengths, None, lay.to_list(), 0.125, 0
         )
         torch.testing.assert_close(dec, out[:, :, 0])
+
+
+def test_schedule_is_the_caches() -> None:
+    from pmkvq_compile.cache import next_body_bits as cache_rule
+
+    bits = (16, 8, 4, 2)
+    for kb in bits:
+        for vb in bits:
+            for fk in bits[1:]:
+                for fv in bits[1:]:
+                    assert next_body_bits(kb, vb, (fk, fv)) == cache_rule(kb, vb, (fk, fv))
