@@ -2,8 +2,9 @@
 
 ``s_K(l, b) = mean |(Q_b(K_l) - K_l) * dLoss/dK_l|`` and the same for V, with K after RoPE (and after the
 key reparameterization when one is given), Loss the LM cross-entropy of the sample, averaged over samples.
-Each sample is one forward and one backward pass; only the gradients of K and V are computed
-(``torch.autograd.grad``), nothing accumulates into the model's ``.grad``.
+Each sample is one forward and one backward pass; the gradients of the K and V tensors are asked for with
+``torch.autograd.grad`` (they stay in the graph, so dLoss/dK_l includes every path through later layers);
+nothing accumulates into the model's ``.grad``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Sensitivity:
 
 
 class _GradRecorder(Recorder):
-    """Makes K and V of every layer leaves that require grad, after applying optional key scales."""
+    """Records K and V of every layer (graph nodes whose gradients we ask for), after optional key scales."""
 
     def __init__(self, key_scales: Sequence[torch.Tensor | None] | None) -> None:
         self.key_scales = key_scales
@@ -66,8 +67,11 @@ class _GradRecorder(Recorder):
             key = key / full[None, :, None, :].to(key.dtype)
             rep = query.shape[1] // key.shape[1]
             query = query * full.repeat_interleave(rep, dim=0)[None, :, None, :].to(query.dtype)
-        k = key.detach().requires_grad_(True)
-        v = value.detach().requires_grad_(True)
+        # Keep K and V in the graph: dLoss/dK_l must include the paths through later layers' K and V.
+        # A tensor that needs no grad has nothing upstream that depends on an earlier K/V (e.g. layer 0 of a
+        # frozen model), so making it a leaf is exact.
+        k = key if key.requires_grad else key.detach().requires_grad_(True)
+        v = value if value.requires_grad else value.detach().requires_grad_(True)
         self.keys[layer], self.values[layer] = k, v
         return query, k, v
 
