@@ -13,6 +13,7 @@ import sys
 
 COMMANDS: list[str] = [
     "pmkvq_compile.commands.demo",
+    "pmkvq_compile.commands.eval",
 ]
 
 

