@@ -3,6 +3,7 @@
 from .attention import register as _register_attention
 from .attention import use_pmkvq_attention
 from .cache import BudgetExceededError, ProgressiveKVCache
+from .compiler import PmkvqBackend, backend
 from .plan import LayerPlan, ModelGeometry, Plan, PlanMismatchError
 
 __all__ = [
@@ -11,7 +12,9 @@ __all__ = [
     "ModelGeometry",
     "Plan",
     "PlanMismatchError",
+    "PmkvqBackend",
     "ProgressiveKVCache",
+    "backend",
     "use_pmkvq_attention",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,159 @@
+"""Pass 1: find the attention nodes the plan can serve exactly, and decline the rest with a reason.
+
+Matches every SDPA node (:func:`pmkvq_compile.passes.match.as_sdpa`) whose K and V are fed, through optional
+GQA expansion (``repeat_interleave`` / ``repeat_kv``) and prefix slices, by a KV-cache write of the step's new
+tokens (``index_copy_``, ``index_put_``, ``cache[:, :, pos] = x``, slice ``copy_``, or ``torch.cat``). Maps the
+node to its plan layer by module path (``...layers.3...`` -> layer 3), never by counting.
+
+Declines, logging one line naming the node and the reason, and leaves the node untouched:
+attention with dropout; K/V not fed by a cache write (cross-attention, attention without a cache);
+a mask that is not the causal mask (sliding-window, padding or custom masks); a non-causal multi-query
+call without a mask; soft-capped attention never reaches SDPA; a module path with no layer index, or an index
+outside the plan; K/V whose heads or head_dim differ from the plan's geometry.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .context import AttentionSite, PassContext, finish
+from .match import as_sdpa, find_cache_write, layer_index, module_path, strip_expansion
+
+__all__ = ["find_attention_sites"]
+
+
+def _val(node: Any) -> Any:
+    if not isinstance(node, fx.Node):
+        return None
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def _placeholder_value(node: fx.Node, ctx: PassContext) -> Any:
+    placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
+    i = placeholders.index(node)
+    if i < len(ctx.example_inputs):
+        return ctx.example_inputs[i]
+    return None
+
+
+def _is_causal_mask(mask: Any, position: Any, ctx: PassContext) -> bool:
+    """True when ``mask`` is rows ``position`` of a lower-triangular boolean buffer (gpt-fast's causal mask)."""
+    if not isinstance(mask, fx.Node) or position is None:
+        return False
+    cur = mask
+    rows_by_position = False
+    while cur.op == "call_function" and cur.target is operator.getitem:
+        idx = cur.args[1]
+        if isinstance(idx, tuple):
+            if any(i is position for i in idx):
+                rows_by_position = True
+            elif not all(i is None or isinstance(i, slice) for i in idx):
+                return False
+        elif idx is position:
+            rows_by_position = True
+        else:
+            return False
+        cur = cur.args[0]
+    if cur.op == "get_attr":
+        value = getattr(cur.graph.owning_module, str(cur.target), None)
+    elif cur.op == "placeholder":
+        value = _placeholder_value(cur, ctx)
+    else:
+        return False
+    if (
+        not rows_by_position
+        or not isinstance(value, torch.Tensor)
+        or value.dtype != torch.bool
+        or value.dim() != 2
+    ):
+        return False
+    if value.shape[0] != value.shape[1] or type(value) is not torch.Tensor:
+        return False
+    return bool(torch.equal(value, torch.ones_like(value).tril()))
+
+
+def find_attention_sites(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Annotate ``ctx.sites`` with the attention nodes to rewrite (see the module docstring)."""
+    geo = ctx.plan.geometry
+    for node in list(gm.graph.nodes):
+        call = as_sdpa(node)
+        if call is None:
+            continue
+        if call.dropout_p:
+            ctx.decline(node, f"attention with dropout_p={call.dropout_p}")
+            continue
+        if call.tuple_output and any(
+            not (u.target is operator.getitem and u.args[1] == 0) for u in node.users
+        ):
+            ctx.decline(node, "the attention's log-sum-exp output is used")
+            continue
+        ek, ev = strip_expansion(call.k), strip_expansion(call.v)
+        wk, wv = find_cache_write(ek.base, node), find_cache_write(ev.base, node)
+        if wk is None or wv is None or wk.kind != wv.kind:
+            ctx.decline(node, "no KV-cache write feeds K/V (cross-attention or attention without a cache)")
+            continue
+        path = module_path(node)
+        layer = layer_index(path)
+        if layer is None or not 0 <= layer < geo.num_layers:
+            ctx.decline(node, f"module path {path!r} names no layer of the plan (0..{geo.num_layers - 1})")
+            continue
+        qv, kv = _val(call.q), _val(wk.value)
+        if qv is None or kv is None or qv.dim() != 4 or kv.dim() != 4:
+            ctx.decline(node, "q/k shapes are unknown or not [B, H, T, D]")
+            continue
+        b, hq, tq, d = qv.shape
+        _, hkv, tk, dk = kv.shape
+        if (hkv, dk) != (geo.num_kv_heads, geo.head_dim) or d != dk or hq % hkv:
+            ctx.decline(
+                node,
+                f"K/V of {hkv} heads x {dk} (q {hq} heads) do not match the plan's {geo.num_kv_heads} KV heads x "
+                f"{geo.head_dim}",
+            )
+            continue
+        groups = hq // hkv
+        if ek.groups != groups and not (call.enable_gqa and ek.groups == 1):
+            ctx.decline(node, f"K is expanded {ek.groups}x but q has {groups} heads per KV head")
+            continue
+        if tq != tk:
+            ctx.decline(node, f"{tq} queries for {tk} new keys: not self-attention over a cache")
+            continue
+        restart = False
+        if wk.kind == "cat":
+            past = _val(wk.result.args[0][0])
+            restart = past is not None and past.shape[2] == 0
+        if call.attn_mask is None:
+            causal = call.is_causal or tq == 1
+        else:
+            causal = not call.is_causal and _is_causal_mask(call.attn_mask, wk.position, ctx)
+        if not causal:
+            what = (
+                "no mask and is_causal=False"
+                if call.attn_mask is None
+                else "a mask that is not the causal mask"
+            )
+            ctx.decline(
+                node, f"{tq} queries with {what} (sliding-window, padding or custom masks are not served)"
+            )
+            continue
+        ctx.sites.append(
+            AttentionSite(
+                node=node,
+                layer=layer,
+                q=call.q,
+                k_new=wk.value,
+                v_new=wv.value,
+                position=wk.position,
+                restart=restart,
+                writes=[*wk.nodes, *wv.nodes],
+                scale=float(call.scale) if call.scale is not None else 1.0 / math.sqrt(d),
+                tuple_output=call.tuple_output,
+                q_len=tq,
+                batch=b,
+            )
+        )
+    return finish(gm)
