@@ -14,6 +14,8 @@ import sys
 COMMANDS: list[str] = [
     "pmkvq_compile.commands.demo",
     "pmkvq_compile.commands.eval",
+    "pmkvq_compile.commands.calibrate",
+    "pmkvq_compile.commands.plan",
 ]
 
 

@@ -65,6 +65,8 @@ def prepare_samples(
     rows: list[torch.Tensor] = []
     if isinstance(calibration, str):
         calibration = [calibration]
+    if isinstance(calibration, Sequence) and len(calibration) == 0:
+        raise ValueError("the calibration data is empty (an empty list); pass texts or token ids, or None")
     if isinstance(calibration, torch.Tensor):
         t = calibration
         if t.dim() == 1:
@@ -136,6 +138,10 @@ def generate_samples(
         for i in tqdm(range(n_samples), desc="calibration text", disable=not progress, leave=False):
             if tokenizer is not None:
                 prompt = torch.tensor(tokenizer(prompts[i % len(prompts)])["input_ids"], dtype=torch.int64)
+                if prompt.numel() == 0:
+                    raise ValueError(
+                        "the tokenizer turned the calibration prompt into no tokens; is it empty?"
+                    )
             else:
                 prompt = torch.randint(0, vocab, (8,), dtype=torch.int64)
             prompt = prompt[: seq_len // 2]

@@ -77,10 +77,9 @@ def _load(model_dir: str | None) -> tuple[Any, Any]:
     if not d.is_dir() or not (d / "config.json").is_file():
         raise ValueError(f"--model {model_dir!r} is not a transformers model directory (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(str(d), local_files_only=True).eval()
-    try:
+    tok = None
+    if any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
-    except (OSError, ValueError):
-        tok = None
     return model, tok
 
 
