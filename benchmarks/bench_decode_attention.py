@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 
 import torch
@@ -30,7 +31,7 @@ def make_cache(batch: int, length: int, chunk_bits: list[tuple[int, int]], spare
     nc = len(chunk_bits)
     wl = length - 1 - nc * NW
     assert 0 <= wl < NW, (length, nc)
-    proto = ArenaLayout(HKV, D, GS, 1, NW, 16, 16, 16, 4, 4, 4)
+    proto = ArenaLayout(HKV, D, GS, 1, NW, 16, 16, 16, 4, 4, 1 << 30)
     body = sum(proto.chunk_bytes(kb, vb) for kb, vb in chunk_bits) + spare_chunks * proto.chunk_bytes(16, 16)
     budget = proto.body_offset + body
     budget += (-budget) % 4
@@ -68,6 +69,20 @@ def bench_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def graph_ms(fn, reps: int = 50) -> float:
+    """Median time of one call replayed from a CUDA graph of ``reps`` calls (no host overhead)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return bench_ms(g.replay) / reps
+
+
 def copy_bandwidth() -> float:
     n = 1 << 30
     a = torch.empty(n, dtype=torch.uint8, device="cuda")
@@ -103,9 +118,24 @@ def main() -> None:
         ("B1 4-bit", 1, [(4, 4)] * nc),
         ("B1 2-bit", 1, [(2, 2)] * nc),
     ]
+    if os.environ.get("SWEEP"):
+        lay, arena, state, table = make_cache(8, length, [(4, 4)] * nc)
+        q = torch.randn(8, HQ, D, dtype=torch.float16, device="cuda")
+        kn = torch.randn(8, HKV, 1, D, dtype=torch.float16, device="cuda")
+        lengths = torch.full((8,), length, dtype=torch.int32, device="cuda")
+        op_args = (q, kn, kn, arena, state, table, lengths, None, lay.to_list(), D**-0.5, 0)
+        for cfg in os.environ["SWEEP"].split(";"):
+            os.environ["PMKVQ_DECODE_CFG"] = cfg
+            print(
+                f"sweep B8 4-bit cfg {cfg}: {graph_ms(lambda: ops.decode_attention(*op_args)) * 1e3:.1f} us"
+            )
+        os.environ["PMKVQ_DECODE_CFG"] = os.environ.get("BEST", "")
+        del arena
     results = {"copy_GBps": copy_bw / 1e9, "length": length, "cases": []}
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {copy_bw / 1e9:.0f} GB/s, {length} tokens")
-    print(f"{'case':<14} {'pmkvq us':>9} {'sdpa us':>8} {'speedup':>8} {'GB/s':>7} {'of copy':>8}  sdpa form")
+    print(
+        f"{'case':<14} {'eager us':>9} {'graph us':>9} {'sdpa us':>8} {'speedup':>8} {'GB/s':>7} {'of copy':>8}  sdpa form"
+    )
     sdpa_cache: dict[int, tuple[float, str]] = {}
     for name, batch, chunks in cases:
         lay, arena, state, table = make_cache(batch, length, chunks)
@@ -114,20 +144,29 @@ def main() -> None:
         vn = torch.randn_like(kn)
         lengths = torch.full((batch,), length, dtype=torch.int32, device="cuda")
         L = lay.to_list()
-        args = (q, kn, vn, arena, state, table, lengths, None, L, D**-0.5, 0)
-        ms = bench_ms(lambda args=args: ops.decode_attention(*args))
+        op_args = (q, kn, vn, arena, state, table, lengths, None, L, D**-0.5, 0)
+        ms = bench_ms(lambda op_args=op_args: ops.decode_attention(*op_args))
+        gms = graph_ms(lambda op_args=op_args: ops.decode_attention(*op_args))
         if batch not in sdpa_cache:
             sdpa_cache[batch] = sdpa_ms(batch, length + 1)
         base, form = sdpa_cache[batch]
         nbytes = batch * (lay.body_offset + sum(lay.chunk_bytes(kb, vb) for kb, vb in chunks))
         bw = nbytes / (ms * 1e-3)
-        print(f"{name:<14} {ms * 1e3:>9.1f} {base * 1e3:>8.1f} {base / ms:>7.2f}x {bw / 1e9:>7.0f} "
-              f"{bw / copy_bw:>7.0%}  {form}")  # fmt: skip
+        print(f"{name:<14} {ms * 1e3:>9.1f} {gms * 1e3:>9.1f} {base * 1e3:>8.1f} {base / gms:>7.2f}x "
+              f"{nbytes / (gms * 1e-3) / 1e9:>7.0f} {nbytes / (gms * 1e-3) / copy_bw:>7.0%}  {form}")  # fmt: skip
         results["cases"].append(
-            {"case": name, "pmkvq_us": ms * 1e3, "sdpa_us": base * 1e3, "speedup": base / ms, "GBps": bw / 1e9,
+            {"case": name, "pmkvq_us": ms * 1e3, "pmkvq_graph_us": gms * 1e3, "sdpa_us": base * 1e3, "speedup": base / ms, "GBps": bw / 1e9,
              "sdpa_form": form}
         )  # fmt: skip
         del arena
+    from pmkvq_compile.kernels import decode_attention as dk
+
+    for kern in (dk._split_kernel, dk._merge_kernel):
+        for cache in getattr(kern, "device_caches", {}).values():
+            for ck in cache[0].values():
+                print(
+                    f"{kern.fn.__name__}: {ck.n_regs} registers, {ck.n_spills} spills, {ck.metadata.shared} B smem"
+                )
     # append: one token per step, amortized over 2 windows (flushes included), body at 4 bits
     batch = 8
     lay, arena, state, table = make_cache(batch, length, [(4, 4)] * nc, spare_chunks=4)

@@ -181,11 +181,10 @@ def attend_segment(
     acc1,
     acc2,
     acc3,
-    a8,
-    a16,
-    a32,
-    af,
-    row0,
+    a8r,
+    a16r,
+    a32r,
+    afr,
     off,
     cap,
     kb,
@@ -201,21 +200,24 @@ def attend_segment(
     PREC: tl.constexpr,
 ):
     """Online-softmax attention of 4-part queries ``[M, D/4]`` (already scaled by sm_scale * log2 e) over the
-    first ``n_valid`` tokens of one region of KV head ``h``. Returns the updated ``m, l, acc0..3``."""
+    first ``n_valid`` tokens of one region of KV head ``h``. ``a8r``.. ``afr`` point at the batch row's
+    arena (int32 offsets inside a row keep registers low). Returns the updated ``m, l, acc0..3``."""
     i = tl.arange(0, D // 4)
-    gi = (4 * i) // GS  # group of column i (all four parts share it)
     PART = HKV * cap * G
-    mb = row0 // 4 + (off + HKV * cap * (D * (kb + vb) // 8)) // 4
-    kstart = row0 + off
-    vstart = row0 + off + HKV * cap * (D * kb // 8)
+    mb = (off + HKV * cap * (D * (kb + vb) // 8)) // 4
+    vstart = off + HKV * cap * (D * kb // 8)
     for n0 in range(0, n_valid, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nm = n < n_valid
-        r = (h * cap + n).to(tl.int64)
-        c0, c1, c2, c3 = load_codes4(a8, a16, a32, kstart + r * (D * kb // 8), i, nm, kb)
-        gidx = r[:, None] * G + gi[None, :]
-        ks = tl.load(af + mb + gidx, mask=nm[:, None], other=0.0)
-        kz = tl.load(af + mb + PART + gidx, mask=nm[:, None], other=0.0)
+        r = h * cap + n
+        c0, c1, c2, c3 = load_codes4(a8r, a16r, a32r, off + r * (D * kb // 8), i, nm, kb)
+        if G == 1:
+            ks = tl.load(afr + mb + r, mask=nm, other=0.0)[:, None]
+            kz = tl.load(afr + mb + PART + r, mask=nm, other=0.0)[:, None]
+        else:
+            gidx = r[:, None] * G + ((4 * i) // GS)[None, :]
+            ks = tl.load(afr + mb + gidx, mask=nm[:, None], other=0.0)
+            kz = tl.load(afr + mb + PART + gidx, mask=nm[:, None], other=0.0)
         s = tl.dot(q0, tl.trans(_deq_part(c0, ks, kz, DT)), input_precision=PREC)
         s += tl.dot(q1, tl.trans(_deq_part(c1, ks, kz, DT)), input_precision=PREC)
         s += tl.dot(q2, tl.trans(_deq_part(c2, ks, kz, DT)), input_precision=PREC)
@@ -227,9 +229,14 @@ def attend_segment(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
         pd = p.to(DT)
-        c0, c1, c2, c3 = load_codes4(a8, a16, a32, vstart + r * (D * vb // 8), i, nm, vb)
-        vs = tl.load(af + mb + 2 * PART + gidx, mask=nm[:, None], other=0.0)
-        vz = tl.load(af + mb + 3 * PART + gidx, mask=nm[:, None], other=0.0)
+        c0, c1, c2, c3 = load_codes4(a8r, a16r, a32r, vstart + r * (D * vb // 8), i, nm, vb)
+        if G == 1:
+            vs = tl.load(afr + mb + 2 * PART + r, mask=nm, other=0.0)[:, None]
+            vz = tl.load(afr + mb + 3 * PART + r, mask=nm, other=0.0)[:, None]
+        else:
+            gidx = r[:, None] * G + ((4 * i) // GS)[None, :]
+            vs = tl.load(afr + mb + 2 * PART + gidx, mask=nm[:, None], other=0.0)
+            vz = tl.load(afr + mb + 3 * PART + gidx, mask=nm[:, None], other=0.0)
         acc0 = acc0 * alpha[:, None] + tl.dot(pd, _deq_part(c0, vs, vz, DT), input_precision=PREC)
         acc1 = acc1 * alpha[:, None] + tl.dot(pd, _deq_part(c1, vs, vz, DT), input_precision=PREC)
         acc2 = acc2 * alpha[:, None] + tl.dot(pd, _deq_part(c2, vs, vz, DT), input_precision=PREC)

@@ -13,6 +13,7 @@ captured in a CUDA graph.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -107,7 +108,7 @@ def _split_kernel(
         off, cap, kb, vb, n_valid = segment_of(s, n_chunks, length, table, N_SINK, NW, SB, WB, WIN_OFF)
         m_i, l_i, acc0, acc1, acc2, acc3 = attend_segment(
             q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
-            a8, a16, a32, af, row0, off, cap, kb, vb, n_valid, h,
+            a8 + row0, a16 + row0 // 2, a32 + row0 // 4, af + row0 // 4, off, cap, kb, vb, n_valid, h,
             HKV, D, GS, G, BLOCK_N, DT, PREC,
         )  # fmt: skip
     i = tl.arange(0, D // 4)
@@ -267,13 +268,16 @@ def decode_attention(
     dt = tl.float32 if (interp or q.dtype == torch.float32) else _DT[q.dtype]
     prec = "ieee" if dt == tl.float32 else "tf32"
     a32 = arena.view(torch.int32)
+    # tuning knobs (benchmarks sweep them): "BLOCK_N,num_warps,num_stages"
+    cfg = os.environ.get("PMKVQ_DECODE_CFG", "")
+    block_n, warps, stages = (int(x) for x in cfg.split(",")) if cfg else (64 if d <= 128 else 32, 4, 2)
     _split_kernel[(b, hkv, num_splits)](
         q, arena, arena.view(torch.int16), a32, arena.view(torch.float32), table, state, lengths, ks,
         part_acc, part_ml, arena.shape[1], qk_scale,
         HQ=hq, HKV=hkv, D=d, GS=lay.group_size, G=lay.groups, N_SINK=lay.n_sink, NW=lay.n_window,
         SB=lay.sink_bits, WB=lay.window_bits, WIN_OFF=lay.window_offset, NUM_SPLITS=num_splits,
-        HAS_KS=has_ks, BLOCK_M=max(16, triton.next_power_of_2(gq)), BLOCK_N=64 if d <= 128 else 32,
-        DT=dt, PREC=prec, num_warps=4, num_stages=2,
+        HAS_KS=has_ks, BLOCK_M=max(16, triton.next_power_of_2(gq)), BLOCK_N=block_n,
+        DT=dt, PREC=prec, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     _merge_kernel[(b, hq)](
         q, k_new, v_new, part_acc, part_ml, out, t, qk_scale,

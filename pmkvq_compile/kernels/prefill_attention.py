@@ -74,7 +74,7 @@ def _prefill_kernel(
         off, cap, kb, vb, n_valid = segment_of(s, n_chunks, length, table, N_SINK, NW, SB, WB, WIN_OFF)
         m_i, l_i, acc0, acc1, acc2, acc3 = attend_segment(
             q0.to(DT), q1.to(DT), q2.to(DT), q3.to(DT), m_i, l_i, acc0, acc1, acc2, acc3,
-            a8, a16, a32, af, row0, off, cap, kb, vb, n_valid, h,
+            a8 + row0, a16 + row0 // 2, a32 + row0 // 4, af + row0 // 4, off, cap, kb, vb, n_valid, h,
             HKV, D, GS, G, BLOCK_N, DT, PREC,
         )  # fmt: skip
     # the new tokens, causal, full precision (no key scale on either side)
@@ -92,15 +92,15 @@ def _prefill_kernel(
         kp = k_new + (kv_row + n)[:, None] * D + 4 * i[None, :]
         vp = v_new + (kv_row + n)[:, None] * D + 4 * i[None, :]
         mm = nm[:, None]
-        s = tl.dot(p0, tl.trans(tl.load(kp + 0, mask=mm, other=0.0).to(DT)), input_precision=PREC)
-        s += tl.dot(p1, tl.trans(tl.load(kp + 1, mask=mm, other=0.0).to(DT)), input_precision=PREC)
-        s += tl.dot(p2, tl.trans(tl.load(kp + 2, mask=mm, other=0.0).to(DT)), input_precision=PREC)
-        s += tl.dot(p3, tl.trans(tl.load(kp + 3, mask=mm, other=0.0).to(DT)), input_precision=PREC)
+        sc = tl.dot(p0, tl.trans(tl.load(kp + 0, mask=mm, other=0.0).to(DT)), input_precision=PREC)
+        sc += tl.dot(p1, tl.trans(tl.load(kp + 1, mask=mm, other=0.0).to(DT)), input_precision=PREC)
+        sc += tl.dot(p2, tl.trans(tl.load(kp + 2, mask=mm, other=0.0).to(DT)), input_precision=PREC)
+        sc += tl.dot(p3, tl.trans(tl.load(kp + 3, mask=mm, other=0.0).to(DT)), input_precision=PREC)
         ok = (n[None, :] <= qi[:, None]) & nm[None, :]
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        sc = tl.where(ok, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        p = tl.math.exp2(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
         pd = p.to(DT)

@@ -14,9 +14,11 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mixed,splits,with_scale", [(False, 3, True), (True, 1, False), (True, 0, False)])
-def test_decode_matches_reference(dtype, mixed, splits, with_scale) -> None:
-    lay = small_layout(bits=4, value_bits=4, max_len=60)
+@pytest.mark.parametrize(
+    "mixed,splits,with_scale,group", [(False, 3, True, 32), (True, 1, False, 64), (True, 0, False, 32)]
+)
+def test_decode_matches_reference(dtype, mixed, splits, with_scale, group) -> None:
+    lay = small_layout(bits=4, value_bits=4, max_len=60, group=group)
     g = torch.Generator().manual_seed(5)
     ks = (
         (torch.rand(lay.num_kv_heads, lay.head_dim // 2, generator=g) + 0.5).to(DEVICE)
