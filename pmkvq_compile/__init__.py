@@ -3,7 +3,7 @@
 from .attention import register as _register_attention
 from .attention import use_pmkvq_attention
 from .cache import BudgetExceededError, ProgressiveKVCache
-from .compiler import PmkvqBackend, backend
+from .compiler import PmkvqBackend, PmkvqInductorPass, backend, inductor_pass
 from .plan import LayerPlan, ModelGeometry, Plan, PlanMismatchError
 
 __all__ = [
@@ -13,8 +13,10 @@ __all__ = [
     "Plan",
     "PlanMismatchError",
     "PmkvqBackend",
+    "PmkvqInductorPass",
     "ProgressiveKVCache",
     "backend",
+    "inductor_pass",
     "use_pmkvq_attention",
 ]
 __version__ = "0.1.0"

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from .passes import LayerState, PassContext, run_passes
 from .plan import Plan
 
 log = logging.getLogger("pmkvq_compile")
 
-__all__ = ["PmkvqBackend", "backend"]
+__all__ = ["PmkvqBackend", "PmkvqInductorPass", "backend", "inductor_pass"]
 
 
 class PmkvqBackend:
@@ -76,6 +81,58 @@ class PmkvqBackend:
         """Current (key, value) body bits of ``layer`` (reads device state)."""
         kb, vb = self.states[layer].state[3:5].tolist()
         return int(kb), int(vb)
+
+
+class PmkvqInductorPass(CustomGraphPass):
+    """The pmkvq passes as an Inductor post-grad custom pass, for an existing ``torch.compile`` pipeline::
+
+        torch._inductor.config.post_grad_custom_post_pass = pmkvq_compile.inductor_pass(plan)
+
+    It runs on ATen graphs after AOT autograd (functional cache writes, backend-specific SDPA ops) and reaches
+    the packed state through registered handles (:mod:`pmkvq_compile.passes.registered_state`). ``uuid()`` hashes the passes' source files and the
+    plan, so Inductor's FX-graph cache never serves a graph compiled by another version or for another plan.
+    Masks: Inductor shows no buffer values, so a square boolean buffer indexed by the written positions is
+    taken to be the causal mask (gpt-fast's convention); other masks decline.
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        if not isinstance(plan, Plan):
+            raise ValueError(f"plan must be a pmkvq_compile.Plan, got {type(plan).__name__}")
+        self.plan = plan
+        self.states: dict[int, LayerState] = {}
+        self.handles: dict[int, int] = {}
+        self.contexts: list[PassContext] = []
+        self._nonce = os.urandom(8)  # handles live in this process: never share compiled graphs across passes
+
+    def __call__(self, graph: fx.Graph) -> None:
+        gm = graph.owning_module
+        ctx = PassContext(self.plan, self.states, [], attach="handle", handles=self.handles)
+        run_passes(gm, ctx)
+        self.contexts.append(ctx)
+
+    def uuid(self) -> bytes:
+        files = [
+            *sorted(str(p) for p in (Path(__file__).parent / "passes").glob("*.py")),
+            __file__,
+            str(Path(__file__).parent / "ops.py"),
+        ]
+        h = hashlib.sha256(get_hash_for_files(tuple(files)))
+        h.update(json.dumps(self.plan.to_json_dict(), sort_keys=True).encode())
+        h.update(self._nonce)
+        for lp in self.plan.layers:
+            if lp.key_scale is not None:
+                h.update(lp.key_scale.numpy().tobytes())
+        return h.digest()
+
+    def reset(self) -> None:
+        """Forget every token of every layer."""
+        for st in self.states.values():
+            st.reset()
+
+
+def inductor_pass(plan: Plan) -> PmkvqInductorPass:
+    """An Inductor custom pass object; see :class:`PmkvqInductorPass`."""
+    return PmkvqInductorPass(plan)
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:

@@ -80,6 +80,7 @@ class AttentionSite:
     tuple_output: bool
     q_len: int
     batch: int
+    kv_shape: tuple[int, int, int, int]  # [B, Hkv, T, D] of the new tokens
 
 
 @dataclass
@@ -92,6 +93,17 @@ class PassContext:
     sites: list[AttentionSite] = field(default_factory=list)
     declined: list[tuple[str, str]] = field(default_factory=list)  # (node name, reason)
     extra_inputs: list[torch.Tensor] = field(default_factory=list)  # placeholders the rewrite added, in order
+    # how the rewrite wires the packed state into the graph: new "placeholder" inputs (Dynamo backends) or
+    # registered "handle"s (Inductor's post-grad pass, which can add neither inputs nor real constants)
+    attach: str = "placeholder"
+    handles: dict[int, int] = field(default_factory=dict)  # layer -> registry handle, shared like ``states``
+
+    def handle(self, layer: int) -> int:
+        from .registered_state import register_state
+
+        if layer not in self.handles:
+            self.handles[layer] = register_state(self.states[layer])
+        return self.handles[layer]
 
     def decline(self, node: fx.Node, reason: str) -> None:
         self.declined.append((node.name, reason))

@@ -41,22 +41,44 @@ def _placeholder_value(node: fx.Node, ctx: PassContext) -> Any:
     return None
 
 
+_ATEN_NEG_INF_MASK = (
+    torch.ops.aten.where.self,
+    torch.ops.aten.where.ScalarOther,
+    torch.ops.aten.where.Scalar,
+)
+
+
 def _is_causal_mask(mask: Any, position: Any, ctx: PassContext) -> bool:
-    """True when ``mask`` is rows ``position`` of a lower-triangular boolean buffer (gpt-fast's causal mask)."""
+    """True when ``mask`` is rows ``position`` of a lower-triangular boolean buffer (gpt-fast's causal mask).
+
+    Dynamo graphs: ``buf[None, None, pos]``, the buffer's values checked (example inputs are real). ATen
+    graphs: ``where(index(unsqueeze(unsqueeze(buf)), [None, None, pos]), 0, -inf)``; Inductor's post-grad pass
+    sees no values, so there a square boolean buffer indexed by the written positions is taken to be the causal
+    mask (gpt-fast's convention).
+    """
     if not isinstance(mask, fx.Node) or position is None:
         return False
     cur = mask
+    if cur.op == "call_function" and cur.target in _ATEN_NEG_INF_MASK:
+        fill = [a.args[1] if isinstance(a, fx.Node) and a.target is torch.ops.aten.full.default else a
+                for a in cur.args[1:3]]  # fmt: skip
+        if fill != [0.0, float("-inf")]:
+            return False
+        cur = cur.args[0]
     rows_by_position = False
-    while cur.op == "call_function" and cur.target is operator.getitem:
-        idx = cur.args[1]
-        if isinstance(idx, tuple):
-            if any(i is position for i in idx):
+    while cur.op == "call_function":
+        if cur.target is operator.getitem or cur.target is torch.ops.aten.index.Tensor:
+            idx = cur.args[1]
+            if isinstance(idx, (tuple, list)):
+                if any(i is position for i in idx):
+                    rows_by_position = True
+                elif not all(i is None or isinstance(i, slice) for i in idx):
+                    return False
+            elif idx is position:
                 rows_by_position = True
-            elif not all(i is None or isinstance(i, slice) for i in idx):
+            else:
                 return False
-        elif idx is position:
-            rows_by_position = True
-        else:
+        elif cur.target is not torch.ops.aten.unsqueeze.default or cur.args[1] not in (0, 1):
             return False
         cur = cur.args[0]
     if cur.op == "get_attr":
@@ -65,6 +87,15 @@ def _is_causal_mask(mask: Any, position: Any, ctx: PassContext) -> bool:
         value = _placeholder_value(cur, ctx)
     else:
         return False
+    if value is None and ctx.attach == "handle":
+        value = cur.meta.get("val")  # a fake tensor: shape and dtype only
+        return (
+            rows_by_position
+            and isinstance(value, torch.Tensor)
+            and value.dtype == torch.bool
+            and value.dim() == 2
+            and value.shape[0] == value.shape[1]
+        )
     if (
         not rows_by_position
         or not isinstance(value, torch.Tensor)
@@ -102,12 +133,23 @@ def find_attention_sites(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         if layer is None or not 0 <= layer < geo.num_layers:
             ctx.decline(node, f"module path {path!r} names no layer of the plan (0..{geo.num_layers - 1})")
             continue
-        qv, kv = _val(call.q), _val(wk.value)
-        if qv is None or kv is None or qv.dim() != 4 or kv.dim() != 4:
+        qv, kv, cache_v = _val(call.q), _val(wk.value), _val(ek.base)
+        if qv is None or kv is None or qv.dim() != 4:
             ctx.decline(node, "q/k shapes are unknown or not [B, H, T, D]")
             continue
         b, hq, tq, d = qv.shape
-        _, hkv, tk, dk = kv.shape
+        if kv.dim() != 4 and cache_v is not None and cache_v.dim() == 4:
+            # ATen decompositions may write a squeezed view ([Hkv, T, D] for batch 1): the cache says [B, Hkv, ., D]
+            cb, chkv, _, cd = cache_v.shape
+            if kv.numel() != cb * chkv * tq * cd:
+                ctx.decline(node, f"cannot read the written K of shape {tuple(kv.shape)} as [B, Hkv, T, D]")
+                continue
+            hkv, tk, dk = chkv, tq, cd
+        elif kv.dim() == 4:
+            _, hkv, tk, dk = kv.shape
+        else:
+            ctx.decline(node, "q/k shapes are unknown or not [B, H, T, D]")
+            continue
         if (hkv, dk) != (geo.num_kv_heads, geo.head_dim) or d != dk or hq % hkv:
             ctx.decline(
                 node,
@@ -154,6 +196,7 @@ def find_attention_sites(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
                 tuple_output=call.tuple_output,
                 q_len=tq,
                 batch=b,
+                kv_shape=(b, hkv, tq, dk),
             )
         )
     return finish(gm)

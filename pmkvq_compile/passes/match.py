@@ -201,13 +201,18 @@ def find_cache_write(base: fx.Node, before: fx.Node) -> CacheWrite | None:
         if isinstance(parts, (list, tuple)) and len(parts) == 2 and dim in (2, -2):
             return CacheWrite("cat", [], parts[1], None, result=base)
         return None
-    # functional ATen writes: base is the write's result
+
+    # functional ATen writes: base is the write's result, copied back into the input buffer at the end
+    def functional(kind: str, value: Any, position: Any) -> CacheWrite:
+        epilogue = [u for u in base.users if _is_call(u, aten.copy_.default) and u.args[1] is base]
+        return CacheWrite(kind, [*epilogue, base], value, position, result=base)
+
     if _is_call(base, aten.index_copy.default) and base.args[1] in (2, -2):
-        return CacheWrite("index_copy", [], base.args[3], base.args[2], result=base)
+        return functional("index_copy", base.args[3], base.args[2])
     if _is_call(base, aten.index_put.default):
         idx = base.args[1]
         if len(idx) == 3 and idx[0] is None and idx[1] is None:
-            return CacheWrite("index_put", [], base.args[2], idx[2], result=base)
+            return functional("index_put", base.args[2], idx[2])
     order = _order(base.graph)
     limit = order[before]
     writes: list[CacheWrite] = []

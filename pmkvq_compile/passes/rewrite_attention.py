@@ -16,15 +16,19 @@ in placeholder order. Declines nothing: pass 1 did the choosing.
 
 from __future__ import annotations
 
-import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
 
 from .. import ops as _ops  # noqa: F401  (registers the pmkvq:: ops)
 from .context import PassContext, finish
 
 __all__ = ["restart", "rewrite_attention"]
+
+aten = torch.ops.aten
+_CONTIG = {"memory_format": torch.contiguous_format}
 
 
 @torch.library.custom_op("pmkvq::restart", mutates_args=("state",))
@@ -62,21 +66,61 @@ def _last_placeholder(graph: fx.Graph) -> fx.Node:
     return last
 
 
+def _emit_registered(emit: Any, site: Any, handle: int) -> fx.Node:
+    restart = 2 if site.restart else (1 if site.position is not None else 0)
+    k = emit(aten.reshape.default, emit(aten.clone.default, site.k_new, **_CONTIG), list(site.kv_shape))
+    v = emit(aten.reshape.default, emit(aten.clone.default, site.v_new, **_CONTIG), list(site.kv_shape))
+    lengths = emit(torch.ops.pmkvq.append_registered.default, k, v, site.position, handle, restart)
+    return emit(torch.ops.pmkvq.attention_registered.default, site.q, k, v, lengths, handle, site.scale)
+
+
+def _replace(graph: fx.Graph, site: Any, out: fx.Node) -> None:
+    node = site.node
+    out.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    if site.tuple_output:
+        for user in list(node.users):
+            user.replace_all_uses_with(out)
+            graph.erase_node(user)
+    else:
+        node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    for w in site.writes:
+        if not w.users:
+            graph.erase_node(w)
+
+
 def rewrite_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Replace every site in ``ctx.sites`` (see the module docstring)."""
     graph = gm.graph
     inputs: dict[int, list[fx.Node]] = {}
+    mode = None
+    if ctx.attach == "handle":  # Inductor lowers with fake tensors: new nodes need fake values
+        mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
+
+    def emit(target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        n = graph.call_function(target, args, kwargs)
+        if mode is not None:
+            fa, fk = fx.node.map_arg((args, kwargs), lambda a: a.meta.get("val"))
+            with mode:
+                n.meta["val"] = target(*fa, **fk)
+        return n
+
     for site in ctx.sites:
         kval = site.k_new.meta.get("example_value", site.k_new.meta.get("val"))
         st = ctx.layer_state(site.layer, site.batch, kval.device)
+        if ctx.attach == "handle":
+            with graph.inserting_before(site.node):
+                out = _emit_registered(emit, site, ctx.handle(site.layer))
+            _replace(graph, site, out)
+            continue
         if site.layer not in inputs:
             nodes = []
             for name, tensor in zip(("arena", "state", "table", "key_scale"), st.tensors()):
                 with graph.inserting_after(_last_placeholder(graph)):
                     ph = graph.placeholder(f"pmkvq_{name}_{site.layer}")
                 ph.meta["val"] = ph.meta["example_value"] = tensor
-                nodes.append(ph)
                 ctx.extra_inputs.append(tensor)
+                nodes.append(ph)
             inputs[site.layer] = nodes
         arena, state, table, *ks = inputs[site.layer]
         key_scale = ks[0] if ks else None
@@ -84,44 +128,26 @@ def rewrite_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         node = site.node
         with graph.inserting_before(node):
             if site.restart:
-                graph.call_function(torch.ops.pmkvq.restart_always.default, (state, st.layout.init_bits))
+                emit(torch.ops.pmkvq.restart_always.default, state, st.layout.init_bits)
             elif site.position is not None:
-                graph.call_function(
-                    torch.ops.pmkvq.restart.default, (state, site.position, st.layout.init_bits)
-                )
-            k = graph.call_method("contiguous", (site.k_new,))
-            v = graph.call_method("contiguous", (site.v_new,))
-            graph.call_function(
-                torch.ops.pmkvq.append.default, (arena, state, table, k, v, key_scale, layout)
+                emit(torch.ops.pmkvq.restart.default, state, site.position, st.layout.init_bits)
+            k = emit(
+                aten.reshape.default, emit(aten.clone.default, site.k_new, **_CONTIG), list(site.kv_shape)
             )
-            n_tok = graph.call_function(operator.getitem, (state, slice(0, 1)))
-            past = graph.call_function(operator.sub, (n_tok, site.q_len))
-            lengths = graph.call_method("contiguous", (graph.call_method("expand", (past, site.batch)),))
+            v = emit(
+                aten.reshape.default, emit(aten.clone.default, site.v_new, **_CONTIG), list(site.kv_shape)
+            )
+            emit(torch.ops.pmkvq.append.default, arena, state, table, k, v, key_scale, layout)
+            n_tok = emit(aten.slice.Tensor, state, 0, 0, 1)
+            past = emit(aten.sub.Tensor, n_tok, site.q_len)
+            lengths = emit(aten.clone.default, emit(aten.expand.default, past, [site.batch]), **_CONTIG)
             if site.q_len == 1:
-                q = graph.call_method(
-                    "contiguous",
-                    (graph.call_function(operator.getitem, (site.q, (slice(None), slice(None), 0))),),
-                )
-                out = graph.call_function(
-                    torch.ops.pmkvq.decode_attention.default,
-                    (q, k, v, arena, state, table, lengths, key_scale, layout, site.scale, 0),
-                )
-                out = graph.call_method("unsqueeze", (out, 2))
+                q = emit(aten.clone.default, emit(aten.select.int, site.q, 2, 0), **_CONTIG)
+                args = (q, k, v, arena, state, table, lengths, key_scale, layout, site.scale, 0)
+                out = emit(aten.unsqueeze.default, emit(torch.ops.pmkvq.decode_attention.default, *args), 2)
             else:
-                q = graph.call_method("contiguous", (site.q,))
-                out = graph.call_function(
-                    torch.ops.pmkvq.prefill_attention.default,
-                    (q, k, v, arena, state, table, lengths, key_scale, layout, site.scale),
-                )
-        out.meta.update({k_: v_ for k_, v_ in node.meta.items() if k_ in ("nn_module_stack", "stack_trace")})
-        if site.tuple_output:
-            for user in list(node.users):
-                user.replace_all_uses_with(out)
-                graph.erase_node(user)
-        else:
-            node.replace_all_uses_with(out)
-        graph.erase_node(node)
-        for w in site.writes:
-            if not w.users:
-                graph.erase_node(w)
+                q = emit(aten.clone.default, site.q, **_CONTIG)
+                args = (q, k, v, arena, state, table, lengths, key_scale, layout, site.scale)
+                out = emit(torch.ops.pmkvq.prefill_attention.default, *args)
+        _replace(graph, site, out)
     return finish(gm)

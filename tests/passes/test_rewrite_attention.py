@@ -175,3 +175,26 @@ def test_backend_refuses_bad_arguments() -> None:
         backend(_plan(model, 4, 64), compiler="tvm")
     with pytest.raises(ValueError, match=r"plan must be a pmkvq_compile\.Plan"):
         backend("plan.json")  # type: ignore[arg-type]
+
+
+def test_inductor_custom_pass_in_an_existing_pipeline(monkeypatch) -> None:
+    """The pass as Inductor's post-grad custom pass (ATen SDPA, functional index_put writes) under the default
+    ``torch.compile`` backend, against the eager progressive cache; uuid() hashes the source and the plan."""
+    import torch._inductor.config as inductor_config
+
+    from pmkvq_compile import inductor_pass
+
+    torch._dynamo.reset()
+    model = Transformer(dim=64, heads=4, kv_heads=2, layers=2, max_len=64).eval()
+    plan = _plan(model, 4, 64)
+    p = inductor_pass(plan)
+    assert p.uuid() == p.uuid() and p.uuid() != inductor_pass(_plan(model, 2, 64)).uuid()
+    monkeypatch.setattr(inductor_config, "post_grad_custom_post_pass", p)
+    f = torch.compile(model, fullgraph=True)
+    ids = torch.randint(0, 64, (1, 40))
+    with torch.no_grad():
+        got = _run_decode(f, ids, 10, 30)
+        ref = _reference(model, plan, ids, 10, 30)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert [len(c.sites) for c in p.contexts] == [2, 2] and not any(c.declined for c in p.contexts)
+    assert p.states[0].state[0].item() == 40 and tuple(p.states[0].state[3:5].tolist()) == (8, 8)
