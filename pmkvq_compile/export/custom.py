@@ -26,7 +26,7 @@ from ..kernels import reference
 from .schema import DOMAIN, DOMAIN_VERSION, register_schemas
 from .step import attend
 
-__all__ = ["TRANSLATIONS", "register_ort_ops", "session_bytes"]
+__all__ = ["register_ort_ops", "session_bytes", "translations"]
 
 pmkvq = Opset(DOMAIN, DOMAIN_VERSION)
 
@@ -56,9 +56,6 @@ def _custom_layer(q, k, v, arena, state, table, key_scale, attention_mask, layou
 def translations() -> dict[Any, Any]:
     register_schemas()
     return {torch.ops.pmkvq_onnx.custom_layer.default: _custom_layer}
-
-
-TRANSLATIONS = translations
 
 
 # ---- ONNX Runtime: onnxruntime-extensions Python ops ----------------------------------------------------

@@ -162,9 +162,8 @@ def _export_decoder(model: Any, plan: Plan, flavor: str, path: Path, say: Callab
     step = DecoderStep(model, plan, flavor).eval()
     ids, mask, pos, state = _dummy_inputs(plan, flavor, 2, 3, 4, int(model.config.vocab_size))
     ins, outs, dyn = _names(plan, flavor)
-    dims = ({0: "batch", 1: "sequence_length"}, {0: "batch", 1: "total_sequence_length"}) + (
-        {0: "batch", 1: "sequence_length"},
-    )
+    seq, total = {0: "batch", 1: "sequence_length"}, {0: "batch", 1: "total_sequence_length"}
+    dims = (seq, total, seq)
     say(f"exporting decoder.onnx ({flavor} flavor, {len(plan.layers)} layers)")
     with export_patches(model), torch.no_grad():
         prog = torch.onnx.export(

@@ -198,8 +198,8 @@ def prepare(
     """ERS-shrink the body to ``(key_bits, value_bits)`` (never up) and, with ``flush``, move the window's
     tokens into the body at those bits. Returns new ``(body.key, body.value, body.meta, state)``."""
     _, _, _, wk, wv, wmeta, bk, bv, bmeta, st = state
-    nt, wl, nb, kb, vb = (int(x) for x in st[:5].tolist())
-    d, gs, wb = lay.head_dim, lay.group_size, lay.window_bits
+    _, wl, nb, kb, vb = (int(x) for x in st[:5].tolist())
+    d, wb = lay.head_dim, lay.window_bits
     tkb, tvb = min(kb, key_bits), min(vb, value_bits)
     kq, vq = _read(bk, kb, nb, d), _read(bv, vb, nb, d)
     m = bmeta[:, :, :, :nb]
