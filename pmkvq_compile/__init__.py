@@ -3,6 +3,7 @@
 from .attention import register as _register_attention
 from .attention import use_pmkvq_attention
 from .cache import BudgetExceededError, ProgressiveKVCache
+from .calibrate import calibrate
 from .compiler import PmkvqBackend, PmkvqInductorPass, backend, inductor_pass
 from .plan import LayerPlan, ModelGeometry, Plan, PlanMismatchError
 
@@ -16,6 +17,7 @@ __all__ = [
     "PmkvqInductorPass",
     "ProgressiveKVCache",
     "backend",
+    "calibrate",
     "inductor_pass",
     "use_pmkvq_attention",
 ]
