@@ -1,6 +1,6 @@
 """Flavor ``"custom"``: ``pmkvq`` domain nodes in the graph, and their ONNX Runtime implementation.
 
-Export: :data:`TRANSLATIONS` maps ``pmkvq_onnx::custom_layer`` to ``pmkvq.Append`` then ``pmkvq.Attention``
+Export: :func:`translations` maps ``pmkvq_onnx::custom_layer`` to ``pmkvq.Append`` then ``pmkvq.Attention``
 (schema in ``schema.json``), plus standard glue (``lengths = Expand(state[0], [B])``).
 
 Runtime: :func:`session_bytes` registers the ops as onnxruntime-extensions Python ops (CPU) and returns the

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import torch
 
 from ..kernels.layout import ArenaLayout
 from ..plan import Plan
@@ -61,6 +62,8 @@ class OrtGenerator:
         self.dir = d
         self.flavor: str = self.manifest["flavor"]
         exported = Plan.load(d / "plan")
+        if plan is not None and self.manifest["flavor"] != "standard":
+            raise ValueError("only a standard-flavor export can run another plan; export again with it")
         self.plan = exported if plan is None else self._check_replan(exported, plan)
         self.layouts = [ArenaLayout.from_plan(self.plan, i) for i in range(len(self.plan.layers))]
         so = ort.SessionOptions()
@@ -90,17 +93,30 @@ class OrtGenerator:
 
     @staticmethod
     def _check_replan(exported: Plan, plan: Plan) -> Plan:
-        same = ("n_sink", "n_window", "sink_bits", "window_bits", "init_bits", "group_size")
+        """The standard graphs depend on the plan only through these settings and the key scales."""
+        same = (
+            "n_sink",
+            "n_window",
+            "sink_bits",
+            "window_bits",
+            "init_bits",
+            "group_size",
+            "key_scales_folded",
+        )
         diff = [
-            f"{k}: {getattr(plan, k)} vs {getattr(exported, k)}"
+            f"{k}: {getattr(plan, k)} vs exported {getattr(exported, k)}"
             for k in same
             if getattr(plan, k) != getattr(exported, k)
         ]
-        if diff or any(lp.key_scale is not None for lp in (*plan.layers, *exported.layers)):
+        for i, (a, b) in enumerate(zip(plan.layers, exported.layers)):
+            if (a.key_scale is None) != (b.key_scale is None) or (
+                a.key_scale is not None and not torch.equal(a.key_scale, b.key_scale)
+            ):
+                diff.append(f"layers[{i}].key_scale differs (key scales are baked into the graph)")
+                break
+        if diff:
             raise ValueError(
-                "this export cannot run that plan ("
-                + ("; ".join(diff) or "key scales are baked into the graph")
-                + "); export again with the plan"
+                "this export cannot run that plan (" + "; ".join(diff) + "); export again with it"
             )
         plan.check_model(exported.geometry)
         return plan

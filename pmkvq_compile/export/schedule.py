@@ -40,10 +40,6 @@ class StepPlan:
     value_bits: int
     after: LayerMirror
 
-    @property
-    def shrinks(self) -> bool:
-        return self.n_flush > 0
-
 
 def plan_step(lay: ArenaLayout, m: LayerMirror, t: int, layer: int = 0) -> StepPlan:
     """Mirror of :meth:`pmkvq_compile.cache.ProgressiveLayer.plan_update` for ``t >= 1`` new tokens.

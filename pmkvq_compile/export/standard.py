@@ -364,7 +364,7 @@ def build_prepare(plan: Plan) -> onnx.ModelProto:
     args.append(torch.tensor([lay.init_bits, lay.init_bits], dtype=torch.int32))
     dyn = [dict(specs[n].dynamic) for n in names] + [{}]
     prog = torch.onnx.export(
-        _Prepare(lay.to_list()),
+        _Prepare(lay.to_list()).eval(),
         tuple(args),
         dynamo=True,
         opset_version=21,
