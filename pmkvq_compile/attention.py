@@ -1,4 +1,7 @@
-"""The eager path: a ``pmkvq`` attention implementation registered in transformers' ``AttentionInterface``.
+"""The ``pmkvq`` attention implementation registered in transformers' ``AttentionInterface``.
+
+``"pmkvq_packed"`` serves from the packed arenas of :class:`~pmkvq_compile.packed_cache.PackedKVCache` through
+the fused ops (the production path, compiled or not). ``"pmkvq"`` is the eager reference path:
 
 Attention reads the past from the quantized arena of the :class:`~pmkvq_compile.cache.ProgressiveLayer`
 that just stored this step's tokens; the step's own tokens are attended in full precision (what the
@@ -18,10 +21,12 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import cache as cache_mod
+from .packed_cache import active_packed_cache
 
 __all__ = ["ATTN_IMPLEMENTATION", "pmkvq_attention_forward", "register", "use_pmkvq_attention"]
 
 ATTN_IMPLEMENTATION = "pmkvq"
+PACKED_IMPLEMENTATION = "pmkvq_packed"
 
 
 def _sdpa(
@@ -83,18 +88,51 @@ def pmkvq_attention_forward(
     return _sdpa(q, k_all, v_all, attention_mask, scaling), None
 
 
+def packed_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """``attn_implementation="pmkvq_packed"``: fused ops over the active packed cache's arena.
+
+    Causal and unpadded by construction (this implementation registers no mask function, so transformers builds
+    no mask: nothing in a compiled step depends on the length). ``query [B, Hq, T, D]`` -> ``[B, T, Hq, D]``.
+    Refuses dropout, soft-capping, and being called outside :func:`~pmkvq_compile.packed_cache.use_packed_cache`.
+    """
+    if dropout:
+        raise ValueError(f"pmkvq attention does not support dropout={dropout}; call model.eval()")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("pmkvq attention does not support soft-capped attention (softcap)")
+    packed = active_packed_cache()
+    if packed is None:
+        raise ValueError(
+            "attn_implementation 'pmkvq_packed' needs an active PackedKVCache (use_packed_cache)"
+        )
+    out = packed.layers[module.layer_idx].attend(query, key, value, scaling or query.shape[-1] ** -0.5)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def register() -> None:
-    """Register ``attn_implementation="pmkvq"`` (attention function + SDPA-style mask). Idempotent."""
+    """Register ``attn_implementation="pmkvq"`` (attention + SDPA-style mask) and ``"pmkvq_packed"``. Idempotent."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, pmkvq_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    AttentionInterface.register(PACKED_IMPLEMENTATION, packed_attention_forward)
 
 
 @contextlib.contextmanager
-def use_pmkvq_attention(model: Any) -> Iterator[Any]:
-    """Within the block, ``model`` runs attention through ``pmkvq``; the previous implementation is restored."""
+def use_pmkvq_attention(model: Any, implementation: str = ATTN_IMPLEMENTATION) -> Iterator[Any]:
+    """Within the block, ``model`` runs attention through ``implementation`` (``"pmkvq"`` or ``"pmkvq_packed"``);
+    the previous implementation is restored on exit."""
+    if implementation not in (ATTN_IMPLEMENTATION, PACKED_IMPLEMENTATION):
+        raise ValueError(f"implementation={implementation!r}: expected 'pmkvq' or 'pmkvq_packed'")
     register()
     previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    model.set_attn_implementation(implementation)
     try:
         yield model
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -10,15 +11,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from .packed_cache import PackedKVCache, use_packed_cache
 from .passes import LayerState, PassContext, run_passes
 from .plan import Plan
 
 log = logging.getLogger("pmkvq_compile")
 
-__all__ = ["PmkvqBackend", "PmkvqInductorPass", "backend", "inductor_pass"]
+__all__ = ["PmkvqBackend", "PmkvqCompiledModel", "PmkvqInductorPass", "backend", "compile", "inductor_pass"]
 
 
 class PmkvqBackend:
@@ -146,3 +149,126 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 def backend(plan: Plan, *, compiler: str | Callable[..., Any] = "inductor") -> PmkvqBackend:
     """``torch.compile(model, backend=pmkvq_compile.backend(plan))`` for any ``nn.Module``."""
     return PmkvqBackend(plan, compiler=compiler)
+
+
+class PmkvqCompiledModel:
+    """A transformers decoder (Llama, Qwen2, Mistral, ...) running PM-KVQ through the fused ops.
+
+    Prefill runs eagerly (its shape changes with every prompt); each decode step is one
+    ``torch.compile(fullgraph=True, dynamic=False)`` graph, traced once: the cache state lives in device tensors
+    (:class:`~pmkvq_compile.packed_cache.PackedKVCache`), so neither the step number nor the body's bit-width
+    causes a recompile. ``mode="reduce-overhead"`` replays the step as a CUDA graph on the GPU.
+
+    Refuses: padded batches (all rows must share a length), sliding-window or soft-capped attention, plans made
+    for another model.
+    """
+
+    def __init__(self, model: Any, plan: Plan, *, batch_size: int = 1, **compile_kwargs: Any) -> None:
+        from .attention import register
+        from .models import cache_kwarg
+
+        if not isinstance(plan, Plan):
+            raise ValueError(f"plan must be a pmkvq_compile.Plan, got {type(plan).__name__}")
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(model, "generate"):
+            raise ValueError(
+                f"compile(model, plan) takes a transformers causal LM, got {type(model).__name__}; for any other "
+                "nn.Module use torch.compile(module, backend=pmkvq_compile.backend(plan))"
+            )
+        plan.check_model(config)
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            raise ValueError(
+                f"sliding_window={config.sliding_window}: sliding-window attention is not served"
+            )
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(config, name, None):
+                raise ValueError(f"{name}={getattr(config, name)}: soft-capped attention is not served")
+        register()
+        self.model, self.plan, self.batch_size = model, plan, batch_size
+        self._cache_key = cache_kwarg(model)
+        self._takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
+        kw = {"fullgraph": True, "dynamic": False, **compile_kwargs}
+        self._step = torch.compile(self._forward_last, **kw)
+        self.cache: PackedKVCache | None = None
+
+    def new_cache(self) -> PackedKVCache:
+        """A fresh packed cache for ``batch_size`` sequences on the model's device."""
+        dev = next(self.model.parameters()).device
+        return PackedKVCache(self.plan, self.model.config, batch_size=self.batch_size, device=dev)
+
+    def _forward_last(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: PackedKVCache
+    ) -> torch.Tensor:
+        kw: dict[str, Any] = {self._cache_key: cache, "position_ids": position_ids, "use_cache": True}
+        if self._takes_cache_position:
+            kw["cache_position"] = position_ids[0]
+        return self.model(input_ids, **kw).logits[:, -1, :]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Greedy or sampled generation: ``input_ids [B, T]`` -> ``[B, T + new]`` (stops early at ``eos_token_id``).
+
+        Raises ValueError for a padded ``attention_mask`` or a batch other than ``batch_size``, and
+        BudgetExceededError (before the step) when the plan's budget cannot hold the sequence even at 2 bits.
+        """
+        from .attention import PACKED_IMPLEMENTATION, use_pmkvq_attention
+
+        if input_ids.dim() != 2 or input_ids.shape[0] != self.batch_size:
+            raise ValueError(
+                f"input_ids must be [{self.batch_size}, T] (batch_size), got {tuple(input_ids.shape)}"
+            )
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padded batches are not served by the compiled path; give equal-length prompts")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        cache = self.cache = self.new_cache()
+        b, t = input_ids.shape
+        cache.check_room(t)
+        dev = input_ids.device
+        out = [input_ids]
+        with use_pmkvq_attention(self.model, PACKED_IMPLEMENTATION), use_packed_cache(cache):
+            pos = torch.arange(t, device=dev).unsqueeze(0).expand(b, t)
+            kw: dict[str, Any] = {self._cache_key: cache, "position_ids": pos, "use_cache": True}
+            logits = self.model(input_ids, **kw).logits[:, -1, :]  # eager prefill: its shape varies
+            for i in range(max_new_tokens):
+                nxt = self._pick(logits, do_sample, temperature, top_k, generator)
+                out.append(nxt)
+                if (
+                    eos_token_id is not None and bool((nxt == eos_token_id).all())
+                ) or i == max_new_tokens - 1:
+                    break
+                cache.check_room(1)
+                pos = torch.full((b, 1), t + i, device=dev, dtype=torch.long)
+                logits = self._step(nxt, pos, cache)
+                cache.advance(1)
+        return torch.cat(out, dim=1)
+
+    @staticmethod
+    def _pick(
+        logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, gen: Any
+    ) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(-1, keepdim=True)
+        scores = logits.float() / max(temperature, 1e-5)
+        if top_k > 0:
+            kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        return torch.multinomial(scores.softmax(-1), 1, generator=gen)
+
+
+def compile(
+    model: Any, plan: Plan, *, batch_size: int = 1, **torch_compile_kwargs: Any
+) -> PmkvqCompiledModel:
+    """Compile a transformers decoder for PM-KVQ; ``torch_compile_kwargs`` go to ``torch.compile`` (e.g. ``mode``)."""
+    return PmkvqCompiledModel(model, plan, batch_size=batch_size, **torch_compile_kwargs)
