@@ -16,6 +16,8 @@ COMMANDS: list[str] = [
     "pmkvq_compile.commands.eval",
     "pmkvq_compile.commands.calibrate",
     "pmkvq_compile.commands.plan",
+    "pmkvq_compile.commands.export",
+    "pmkvq_compile.commands.generate",
 ]
 
 
