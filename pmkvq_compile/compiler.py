@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +187,9 @@ class PmkvqCompiledModel:
         register()
         self.model, self.plan, self.batch_size = model, plan, batch_size
         self._cache_key = cache_kwarg(model)
-        self._takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
+        self._takes_cache_position = "cache_position" in params
+        self._takes_logits_to_keep = "logits_to_keep" in params
         kw = {"fullgraph": True, "dynamic": False, **compile_kwargs}
         self._step = torch.compile(self._forward_last, **kw)
         self.cache: PackedKVCache | None = None
@@ -202,7 +205,54 @@ class PmkvqCompiledModel:
         kw: dict[str, Any] = {self._cache_key: cache, "position_ids": position_ids, "use_cache": True}
         if self._takes_cache_position:
             kw["cache_position"] = position_ids[0]
+        if self._takes_logits_to_keep:
+            kw["logits_to_keep"] = 1
         return self.model(input_ids, **kw).logits[:, -1, :]
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Start a sequence: a new cache, the prompt ``[B, T]`` run eagerly. Returns the last logits ``[B, V]``.
+
+        Raises ValueError for a padded ``attention_mask`` or a batch other than ``batch_size``, and
+        BudgetExceededError when the plan cannot hold the prompt even at 2 bits.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[0] != self.batch_size:
+            raise ValueError(
+                f"input_ids must be [{self.batch_size}, T] (batch_size), got {tuple(input_ids.shape)}"
+            )
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padded batches are not served by the compiled path; give equal-length prompts")
+        cache = self.new_cache()
+        cache.check_room(input_ids.shape[1])
+        self.cache = cache
+        b, t = input_ids.shape
+        pos = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
+        with self._active(cache):
+            return self._forward_last(input_ids, pos, cache)  # eager: the prompt's shape varies
+
+    @torch.no_grad()
+    def decode(self, next_ids: torch.Tensor) -> torch.Tensor:
+        """One compiled decode step: ``next_ids [B, 1]`` -> logits ``[B, V]``; BudgetExceededError before a step
+        the plan cannot hold."""
+        cache = self.cache
+        if cache is None:
+            raise ValueError("call prefill() (or generate()) before decode()")
+        if next_ids.shape != (self.batch_size, 1):
+            raise ValueError(f"next_ids must be [{self.batch_size}, 1], got {tuple(next_ids.shape)}")
+        cache.check_room(1)
+        n = cache.get_seq_length()
+        pos = torch.full((self.batch_size, 1), n, device=next_ids.device, dtype=torch.long)
+        with self._active(cache):
+            logits = self._step(next_ids, pos, cache)
+        cache.advance(1)
+        return logits
+
+    @contextlib.contextmanager
+    def _active(self, cache: PackedKVCache) -> Iterator[None]:
+        from .attention import PACKED_IMPLEMENTATION, use_pmkvq_attention
+
+        with use_pmkvq_attention(self.model, PACKED_IMPLEMENTATION), use_packed_cache(cache):
+            yield
 
     @torch.no_grad()
     def generate(
@@ -219,39 +269,19 @@ class PmkvqCompiledModel:
     ) -> torch.Tensor:
         """Greedy or sampled generation: ``input_ids [B, T]`` -> ``[B, T + new]`` (stops early at ``eos_token_id``).
 
-        Raises ValueError for a padded ``attention_mask`` or a batch other than ``batch_size``, and
-        BudgetExceededError (before the step) when the plan's budget cannot hold the sequence even at 2 bits.
+        Refuses what :meth:`prefill` refuses; BudgetExceededError before a step the plan cannot hold.
         """
-        from .attention import PACKED_IMPLEMENTATION, use_pmkvq_attention
-
-        if input_ids.dim() != 2 or input_ids.shape[0] != self.batch_size:
-            raise ValueError(
-                f"input_ids must be [{self.batch_size}, T] (batch_size), got {tuple(input_ids.shape)}"
-            )
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padded batches are not served by the compiled path; give equal-length prompts")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        cache = self.cache = self.new_cache()
-        b, t = input_ids.shape
-        cache.check_room(t)
-        dev = input_ids.device
+        logits = self.prefill(input_ids, attention_mask)
         out = [input_ids]
-        with use_pmkvq_attention(self.model, PACKED_IMPLEMENTATION), use_packed_cache(cache):
-            pos = torch.arange(t, device=dev).unsqueeze(0).expand(b, t)
-            kw: dict[str, Any] = {self._cache_key: cache, "position_ids": pos, "use_cache": True}
-            logits = self.model(input_ids, **kw).logits[:, -1, :]  # eager prefill: its shape varies
-            for i in range(max_new_tokens):
-                nxt = self._pick(logits, do_sample, temperature, top_k, generator)
-                out.append(nxt)
-                if (
-                    eos_token_id is not None and bool((nxt == eos_token_id).all())
-                ) or i == max_new_tokens - 1:
-                    break
-                cache.check_room(1)
-                pos = torch.full((b, 1), t + i, device=dev, dtype=torch.long)
-                logits = self._step(nxt, pos, cache)
-                cache.advance(1)
+        for i in range(max_new_tokens):
+            nxt = self._pick(logits, do_sample, temperature, top_k, generator)
+            out.append(nxt)
+            done = eos_token_id is not None and bool((nxt == eos_token_id).all())
+            if done or i == max_new_tokens - 1:
+                break
+            logits = self.decode(nxt)
         return torch.cat(out, dim=1)
 
     @staticmethod

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import ops as _ops  # noqa: F401  (registers the pmkvq:: ops)
@@ -98,6 +99,12 @@ class PackedLayer(CacheLayerMixin):
         """``query [B, Hq, T, D]`` over the arena's past and this step's ``key/value [B, Hkv, T, D]``."""
         st = self.st
         b, _, t, _ = key.shape
+        if t > 1 and not torch.compiler.is_compiling() and self.n_tokens == t:
+            # a prompt with no past: plain causal attention over its own (full-precision) tokens, flash kernels
+            return F.scaled_dot_product_attention(
+                query, key.to(query.dtype), value.to(query.dtype), is_causal=True, scale=scaling,
+                enable_gqa=query.shape[1] != key.shape[1],
+            )  # fmt: skip
         lengths = (st.state[:1] - t).expand(b).contiguous()
         k, v = key.contiguous(), value.contiguous()
         args = (st.arena, st.state, st.table, lengths, st.key_scale, self.layout, float(scaling))
