@@ -12,9 +12,9 @@ __all__ = ["plot_all", "plot_body_bits", "plot_kl", "plot_memory"]
 
 _STYLE = {
     "rtn": ("tab:red", ":"),
-    "kivi": ("tab:orange", "--"),
+    "kivi": ("tab:orange", "-."),
     "pmkvq-uniform": ("tab:blue", "-"),
-    "pmkvq-calibrated": ("tab:green", "-"),
+    "pmkvq-calibrated": ("tab:green", "--"),
     "unquantized": ("black", "-"),
 }
 
@@ -62,7 +62,7 @@ def plot_memory(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
             )
         rt, rb = np.array(ref["memory"]["tokens"]), np.array(ref["memory"]["nbytes"]) / 2**20
         ax.plot(rt, rb, color="black", lw=1.2, label=f"unquantized fp32 (reaches {rb[-1]:.1f} MiB)")
-        ax.axhline(budget, color="gray", lw=1.2, ls="-.", label=f"budget {budget:.2f} MiB")
+        ax.axhline(budget, color="gray", lw=1.2, ls="-.", label=f"budget {budget:.3f} MiB")
         ax.axvline(results["max_len"], color="gray", lw=0.8, ls=":")
         ax.set_ylim(0, top)
         ax.set_xlim(0, results["max_len"] * 1.02)
