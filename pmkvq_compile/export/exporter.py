@@ -175,11 +175,10 @@ def _export_decoder(model: Any, plan: Plan, flavor: str, path: Path, say: Callab
             input_names=["input_ids", "attention_mask", "position_ids", *ins],
             output_names=["logits", *outs],
             dynamic_shapes=(*dims, tuple(dyn)),
-            optimize=True,
+            optimize=False,
             verbose=False,
         )
-    say("checking decoder.onnx")
-    proto = prog.model_proto
-    onnx.checker.check_model(proto, full_check=True)
     say("saving decoder.onnx")
     prog.save(str(path))
+    say("checking decoder.onnx")
+    onnx.checker.check_model(str(path), full_check=True)
