@@ -50,6 +50,7 @@ class PmkvqBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         ctx = PassContext(self.plan, self.states, list(example_inputs))
         gm = run_passes(_copy(gm), ctx)
+        self._check_consistent(ctx)
         self.contexts.append(ctx)
         log.info("pmkvq: rewrote %d attention node(s), declined %d", len(ctx.sites), len(ctx.declined))
         extra = list(ctx.extra_inputs)
@@ -69,6 +70,21 @@ class PmkvqBackend:
             return inner(*args, *extra)
 
         return run
+
+    def _check_consistent(self, ctx: PassContext) -> None:
+        """A layer served from the packed cache in one graph and from its float cache in another would read a
+        cache the other graph never wrote: refuse that instead of computing wrong numbers."""
+        served = {s.layer for s in ctx.sites} | {s.layer for c in self.contexts for s in c.sites}
+        declined = dict(ctx.declined_cache_layers)
+        for c in self.contexts:
+            declined.update(c.declined_cache_layers)
+        both = sorted(served & set(declined))
+        if both:
+            raise ValueError(
+                f"layer {both[0]} is served from the packed cache in one graph but declined in another "
+                f"({declined[both[0]]}); its float and packed caches would diverge. For transformers models use "
+                "pmkvq_compile.compile(model, plan), which needs no mask"
+            )
 
     def reset(self) -> None:
         """Forget every token of every layer (arenas keep their addresses)."""

@@ -92,6 +92,7 @@ class PassContext:
     example_inputs: list[Any] = field(default_factory=list)
     sites: list[AttentionSite] = field(default_factory=list)
     declined: list[tuple[str, str]] = field(default_factory=list)  # (node name, reason)
+    declined_cache_layers: dict[int, str] = field(default_factory=dict)  # cache-fed layers declined -> reason
     extra_inputs: list[torch.Tensor] = field(default_factory=list)  # placeholders the rewrite added, in order
     # how the rewrite wires the packed state into the graph: new "placeholder" inputs (Dynamo backends) or
     # registered "handle"s (Inductor's post-grad pass, which can add neither inputs nor real constants)
@@ -121,9 +122,19 @@ class PassContext:
         return st
 
 
+def _is_impure(node: fx.Node) -> bool:
+    """FX's own rule plus in-place methods (``x.index_copy_(...)``) and mutating ops, which FX would delete."""
+    if node.is_impure():
+        return True
+    if node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_"):
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
 def finish(gm: fx.GraphModule) -> fx.GraphModule:
-    """What every pass ends with: dead-code elimination, lint, recompile."""
-    gm.graph.eliminate_dead_code()
+    """What every pass ends with: dead-code elimination (keeping every mutation), lint, recompile."""
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.graph.lint()
     gm.recompile()
     return gm

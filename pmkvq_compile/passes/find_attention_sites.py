@@ -178,9 +178,9 @@ def find_attention_sites(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
                 if call.attn_mask is None
                 else "a mask that is not the causal mask"
             )
-            ctx.decline(
-                node, f"{tq} queries with {what} (sliding-window, padding or custom masks are not served)"
-            )
+            reason = f"{tq} queries with {what} (sliding-window, padding or custom masks are not served)"
+            ctx.decline(node, reason)
+            ctx.declined_cache_layers[layer] = reason
             continue
         ctx.sites.append(
             AttentionSite(

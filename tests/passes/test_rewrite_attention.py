@@ -198,3 +198,48 @@ def test_inductor_custom_pass_in_an_existing_pipeline(monkeypatch) -> None:
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert [len(c.sites) for c in p.contexts] == [2, 2] and not any(c.declined for c in p.contexts)
     assert p.states[0].state[0].item() == 40 and tuple(p.states[0].state[3:5].tolist()) == (8, 8)
+
+
+def test_unfolded_key_scales_are_applied() -> None:
+    torch._dynamo.reset()
+    model = Transformer(dim=64, heads=4, kv_heads=2, layers=2, max_len=80).eval()
+    base = _plan(model, 4, 80)
+    g = torch.Generator().manual_seed(0)
+    layers = [
+        type(lp)(
+            lp.key_bits, lp.value_bits, lp.budget_bytes, key_scale=torch.rand(2, 8, generator=g) * 2 + 0.3
+        )
+        for lp in base.layers
+    ]
+    plan = base.with_layers(layers)
+    f = torch.compile(model, backend=backend(plan, compiler="eager"), fullgraph=True)
+    ids = torch.randint(0, 64, (1, 60))
+    with torch.no_grad():
+        got = _run_decode(f, ids, 9, 50)
+        ref = _reference(model, plan, ids, 9, 50)
+        unscaled = _reference(model, base, ids, 9, 50)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert (ref - unscaled).abs().max() > 1e-4  # the scales changed what was quantized
+
+
+def test_transformers_static_cache_graphs_are_matched_and_inconsistency_refused() -> None:
+    """HF StaticCache: index_copy_ writes, prefix slices, enable_gqa (prefill) and repeat_kv (decode) are matched;
+    its decode mask is not the causal-mask buffer, so decode is declined, and the backend refuses to serve a layer
+    from the packed cache in one graph and the float cache in another."""
+    from transformers import StaticCache
+
+    from tests.models import tiny
+
+    torch._dynamo.reset()
+    model = tiny("llama")
+    plan = Plan.uniform(model.config, 4, 64, n_window=8)
+    be = backend(plan, compiler="eager")
+    f = torch.compile(model, backend=be, fullgraph=True)
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with torch.no_grad():
+        f(torch.randint(3, 96, (1, 5)), past_key_values=cache, use_cache=True)
+        assert sorted(s.layer for s in be.contexts[0].sites) == [0, 1]  # prefill: is_causal + enable_gqa
+        with pytest.raises(
+            Exception, match="served from the packed cache in one graph but declined in another"
+        ):
+            f(torch.randint(3, 96, (1, 1)), past_key_values=cache, use_cache=True)
