@@ -6,10 +6,12 @@ teacher-forced trace is scored through each cache and compared with the unquanti
 * ``RTN``: plain per-token round-to-nearest of every past K/V at the budget's bits (3 -> K3/V3, 2.5 -> K3/V2;
   no 16-bit sink/window, so it uses fewer bytes than the budget: shown in the table);
 * ``progressive, equal split``: the PM-KVQ cache, every layer the same bytes (no allocation);
-* ``+ HiGHS``: the integer program on sensitivities profiled with positional interpolation (PI);
-* ``+ HiGHS, no PI`` (only with ``--all``): the same, sensitivities profiled at plain positions;
-* ``+ HiGHS + reparam``: full PM-KVQ (key reparameterization and sensitivities, both with PI);
-* ``+ HiGHS + reparam, no PI``: key statistics and sensitivities at plain positions.
+* ``+ HiGHS, K=V bits``: the paper's integer program (one bit-width per layer for K and V), sensitivities
+  profiled with positional interpolation (PI);
+* ``+ HiGHS, separate K/V bits``: the same program with a (key bits, value bits) pair per layer;
+* ``+ HiGHS, separate K/V, no PI`` (only with ``--all``): sensitivities profiled at plain positions;
+* ``+ HiGHS sep. K/V + reparam``: full PM-KVQ (key reparameterization and sensitivities, both with PI);
+* ``... no PI``: key statistics and sensitivities at plain positions.
 
 The trace is English text from Python's own ``pydoc_data.topics`` (offline, identical everywhere); calibration
 uses other pydoc text, disjoint from the trace (``--self-generated``: text the model writes, as ``calibrate()``
@@ -173,7 +175,7 @@ def main() -> None:
         rep = search_key_scales(stats, key_bits=min(bits), group_size=gs)
         scales[pi] = list(rep.scales)
         with torch.enable_grad():
-            if pi or args.all:
+            if pi or args.all:  # the no-PI, no-reparam profile only feeds the --all row
                 sens[(pi, False)] = profile_sensitivity(
                     model, samples, bit_choices=bits, group_size=gs, effective_len=eff
                 )
@@ -201,8 +203,8 @@ def main() -> None:
         eq = equal_split_plan(proto, nbytes)
         configs.append(("progressive, equal split", eq, eq.total_budget_bytes))
 
-        def highs(pi: bool, reparam: bool, nbytes: int = nbytes) -> Plan:
-            layers = allocate(proto, sens[(pi, reparam)], nbytes)
+        def highs(pi: bool, reparam: bool, separate_kv: bool, nbytes: int = nbytes) -> Plan:
+            layers = allocate(proto, sens[(pi, reparam)], nbytes, separate_kv=separate_kv)
             if reparam:
                 layers = [
                     LayerPlan(lp.key_bits, lp.value_bits, lp.budget_bytes, key_scale=s)
@@ -210,15 +212,16 @@ def main() -> None:
                 ]
             return proto.with_layers(layers)
 
-        variants = [("+ HiGHS (PI)", True, False)]
+        variants = [("+ HiGHS, K=V bits (paper's IP)", True, False, False)]
+        variants.append(("+ HiGHS, separate K/V bits", True, False, True))
         if args.all:
-            variants.append(("+ HiGHS, no PI", False, False))
+            variants.append(("+ HiGHS, separate K/V, no PI", False, False, True))
         variants += [
-            ("+ HiGHS + reparam (PI) = PM-KVQ", True, True),
-            ("+ HiGHS + reparam, no PI", False, True),
+            ("+ HiGHS sep. K/V + reparam = PM-KVQ", True, True, True),
+            ("+ HiGHS sep. K/V + reparam, no PI", False, True, True),
         ]
-        for name, pi, rp in variants:
-            p = highs(pi, rp)
+        for name, pi, rp, sep in variants:
+            p = highs(pi, rp, sep)
             configs.append((name, p, p.total_budget_bytes))
         for name, plan, used in configs:
             t1 = time.time()
@@ -227,12 +230,12 @@ def main() -> None:
                 layout = "-"
             else:
                 got = score_plan(model, plan, trace, args.chunk)
-                layout = "".join("4" if lp.key_bits == 4 else "2" for lp in plan.layers)
+                layout = " ".join(f"{lp.key_bits}{lp.value_bits}" for lp in plan.layers)
             k = kl(ref, got)
             rows.append((budget, name, used, nbytes, float(k.mean()), float(k[half:].mean()), layout))
             print(
                 f"{budget:>7} | {name:<32} | {used:>10,} B | KL {k.mean():.4f} | KL 2nd half {k[half:].mean():.4f} "
-                f"| K bits/layer {layout} ({time.time() - t1:.0f}s)",
+                f"| K,V bits per layer {layout} ({time.time() - t1:.0f}s)",
                 flush=True,
             )
     print(
