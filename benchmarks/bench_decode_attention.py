@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from pmkvq_compile import ops
+from pmkvq_compile.kernels import decode_attention as dk
 from pmkvq_compile.kernels.layout import ArenaLayout
 
 HQ, HKV, D, GS, NW = 28, 4, 128, 128, 128
@@ -124,12 +125,25 @@ def main() -> None:
         kn = torch.randn(8, HKV, 1, D, dtype=torch.float16, device="cuda")
         lengths = torch.full((8,), length, dtype=torch.int32, device="cuda")
         op_args = (q, kn, kn, arena, state, table, lengths, None, lay.to_list(), D**-0.5, 0)
-        for cfg in os.environ["SWEEP"].split(";"):
-            os.environ["PMKVQ_DECODE_CFG"] = cfg
+        for cfg in os.environ["SWEEP"].split(";"):  # "[mode:]BLOCK_N,num_warps,num_stages"
+            mode, _, knobs = cfg.rpartition(":")
+            os.environ["PMKVQ_DECODE_MODE"] = mode or dk.DEFAULT_MODE
+            os.environ["PMKVQ_DECODE_CFG"] = knobs
             print(
                 f"sweep B8 4-bit cfg {cfg}: {graph_ms(lambda: ops.decode_attention(*op_args)) * 1e3:.1f} us"
             )
         os.environ["PMKVQ_DECODE_CFG"] = os.environ.get("BEST", "")
+        os.environ["PMKVQ_DECODE_MODE"] = os.environ.get("BEST_MODE", dk.DEFAULT_MODE)
+        del arena
+    if os.environ.get("SWEEP_B1"):  # split counts at batch 1 (the default picks from static shapes)
+        lay, arena, state, table = make_cache(1, length, [(4, 4)] * nc)
+        q = torch.randn(1, HQ, D, dtype=torch.float16, device="cuda")
+        kn = torch.randn(1, HKV, 1, D, dtype=torch.float16, device="cuda")
+        lengths = torch.full((1,), length, dtype=torch.int32, device="cuda")
+        for splits in (int(x) for x in os.environ["SWEEP_B1"].split(",")):
+            op_args = (q, kn, kn, arena, state, table, lengths, None, lay.to_list(), D**-0.5, splits)
+            us = graph_ms(lambda a=op_args: ops.decode_attention(*a)) * 1e3
+            print(f"sweep B1 4-bit splits {splits}: {us:.1f} us")
         del arena
     results = {"copy_GBps": copy_bw / 1e9, "length": length, "cases": []}
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {copy_bw / 1e9:.0f} GB/s, {length} tokens")
@@ -137,36 +151,40 @@ def main() -> None:
         f"{'case':<14} {'eager us':>9} {'graph us':>9} {'sdpa us':>8} {'speedup':>8} {'GB/s':>7} {'of copy':>8}  sdpa form"
     )
     sdpa_cache: dict[int, tuple[float, str]] = {}
-    for name, batch, chunks in cases:
-        lay, arena, state, table = make_cache(batch, length, chunks)
-        q = torch.randn(batch, HQ, D, dtype=torch.float16, device="cuda")
-        kn = torch.randn(batch, HKV, 1, D, dtype=torch.float16, device="cuda")
-        vn = torch.randn_like(kn)
-        lengths = torch.full((batch,), length, dtype=torch.int32, device="cuda")
-        L = lay.to_list()
-        op_args = (q, kn, vn, arena, state, table, lengths, None, L, D**-0.5, 0)
-        ms = bench_ms(lambda op_args=op_args: ops.decode_attention(*op_args))
-        gms = graph_ms(lambda op_args=op_args: ops.decode_attention(*op_args))
-        if batch not in sdpa_cache:
-            sdpa_cache[batch] = sdpa_ms(batch, length + 1)
-        base, form = sdpa_cache[batch]
-        nbytes = batch * (lay.body_offset + sum(lay.chunk_bytes(kb, vb) for kb, vb in chunks))
-        bw = nbytes / (ms * 1e-3)
-        print(f"{name:<14} {ms * 1e3:>9.1f} {gms * 1e3:>9.1f} {base * 1e3:>8.1f} {base / gms:>7.2f}x "
-              f"{nbytes / (gms * 1e-3) / 1e9:>7.0f} {nbytes / (gms * 1e-3) / copy_bw:>7.0%}  {form}")  # fmt: skip
-        results["cases"].append(
-            {"case": name, "pmkvq_us": ms * 1e3, "pmkvq_graph_us": gms * 1e3, "sdpa_us": base * 1e3, "speedup": base / ms, "GBps": bw / 1e9,
-             "sdpa_form": form}
-        )  # fmt: skip
-        del arena
-    from pmkvq_compile.kernels import decode_attention as dk
-
+    table_modes = [m for m in os.environ.get("TABLE_MODES", "").split(",") if m] or [None]
+    for mode in table_modes:  # launch modes of pmkvq::decode_attention to tabulate (default: the default)
+        if mode:
+            os.environ["PMKVQ_DECODE_MODE"] = mode
+            print(f"mode {mode}")
+        for name, batch, chunks in cases:
+            lay, arena, state, table = make_cache(batch, length, chunks)
+            q = torch.randn(batch, HQ, D, dtype=torch.float16, device="cuda")
+            kn = torch.randn(batch, HKV, 1, D, dtype=torch.float16, device="cuda")
+            vn = torch.randn_like(kn)
+            lengths = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+            L = lay.to_list()
+            op_args = (q, kn, vn, arena, state, table, lengths, None, L, D**-0.5, 0)
+            ms = bench_ms(lambda op_args=op_args: ops.decode_attention(*op_args))
+            gms = graph_ms(lambda op_args=op_args: ops.decode_attention(*op_args))
+            if batch not in sdpa_cache:
+                sdpa_cache[batch] = sdpa_ms(batch, length + 1)
+            base, form = sdpa_cache[batch]
+            nbytes = batch * (lay.body_offset + sum(lay.chunk_bytes(kb, vb) for kb, vb in chunks))
+            bw = nbytes / (ms * 1e-3)
+            print(f"{name:<14} {ms * 1e3:>9.1f} {gms * 1e3:>9.1f} {base * 1e3:>8.1f} {base / gms:>7.2f}x "
+                  f"{nbytes / (gms * 1e-3) / 1e9:>7.0f} {nbytes / (gms * 1e-3) / copy_bw:>7.0%}  {form}")  # fmt: skip
+            results["cases"].append(
+                {"case": name, "mode": mode or dk.DEFAULT_MODE, "pmkvq_us": ms * 1e3, "pmkvq_graph_us": gms * 1e3, "sdpa_us": base * 1e3, "speedup": base / ms, "GBps": bw / 1e9,
+                 "sdpa_form": form}
+            )  # fmt: skip
+            del arena
     for kern in (dk._split_kernel, dk._merge_kernel):
         for cache in getattr(kern, "device_caches", {}).values():
             for ck in cache[0].values():
-                print(
-                    f"{kern.fn.__name__}: {ck.n_regs} registers, {ck.n_spills} spills, {ck.metadata.shared} B smem"
-                )
+                consts = getattr(getattr(ck, "src", None), "constants", {}) or {}
+                tag = {str(k): v for k, v in consts.items() if str(k) in ("ONLY", "BLOCK_N", "('ONLY',)")}
+                print(f"{kern.fn.__name__} {tag} warps {ck.metadata.num_warps} stages {ck.metadata.num_stages}: "
+                      f"{ck.n_regs} registers, {ck.n_spills} spills, {ck.metadata.shared} B smem")  # fmt: skip
     # append: one token per step, amortized over 2 windows (flushes included), body at 4 bits
     batch = 8
     lay, arena, state, table = make_cache(batch, length, [(4, 4)] * nc, spare_chunks=4)

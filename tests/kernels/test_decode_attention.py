@@ -52,3 +52,37 @@ def test_decode_rejects_bad_lengths() -> None:
         kernel.decode_attention(
             q, kn, kn, arena, state, table, torch.tensor([3], device=DEVICE), None, lay.to_list(), 0.1, 1
         )
+
+
+@pytest.mark.parametrize(
+    "bits,value_bits,max_len,dtype,mode,splits",
+    [
+        (8, 8, 60, torch.float16, "split", 4),
+        (4, 2, 60, torch.bfloat16, "split", 1),
+        (8, 4, 50, torch.float16, "split", 3),
+        (2, 2, 60, torch.float32, "split", 4),
+        (8, 8, 120, torch.float16, "split", 2),
+        (4, 4, 60, torch.float16, "fused", 4),
+        (8, 4, 50, torch.float32, "fused", 1),
+    ],
+)
+def test_decode_one_group_per_head(bits, value_bits, max_len, dtype, mode, splits, monkeypatch) -> None:
+    """group == head_dim: the branch-free affine loops (<= 8-bit chunks) and the generic one (16 bits),
+    with rows that end inside the body, in the sink, and with no past at all; both launch modes."""
+    monkeypatch.setenv("PMKVQ_DECODE_MODE", mode)
+    lay = small_layout(bits=bits, value_bits=value_bits, max_len=max_len, group=64)
+    arena, state, table = filled_cache(lay, 4, [17, 12, 12, 6], seed=3)
+    nc = int(state[2])
+    pairs = {tuple(r[1:]) for r in table[:nc].tolist()}
+    n = int(state[0])
+    lengths = torch.tensor([n, n - 17, 1, 0], dtype=torch.int32, device=DEVICE)
+    g = torch.Generator().manual_seed(7)
+    hq = 3 * lay.num_kv_heads
+    q = torch.randn(4, hq, lay.head_dim, generator=g).to(DEVICE, dtype)
+    kn = torch.randn(4, lay.num_kv_heads, 1, lay.head_dim, generator=g).to(DEVICE, dtype)
+    vn = torch.randn(4, lay.num_kv_heads, 1, lay.head_dim, generator=g).to(DEVICE, dtype)
+    args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), 0.125)
+    want = ref.decode_attention(*args, splits)
+    got = kernel.decode_attention(*args, splits)
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    assert pairs, "the cache should hold body chunks"
