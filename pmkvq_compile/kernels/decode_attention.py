@@ -1,13 +1,23 @@
 """Decode attention over the packed arena: one query per row, GQA, split-K with a log-sum-exp merge.
 
-``_split_kernel`` runs one program per (batch row, KV head, split). The query heads of the KV head's group
+A split kernel runs one program per (batch row, KV head, split). The query heads of the KV head's group
 are the rows of the dot products (padded to 16), so K/V codes are loaded once per group. The past's
 segments (sink, body chunks, window; each with its own bit-widths, read from ``table``) are divided evenly
 over the splits; a split writes its partial output, max and sum. ``_merge_kernel`` (one program per row
-and query head) attends the step's own new tokens in full precision and merges everything.
+and query head) attends the step's own new tokens in full precision and merges every partial.
 
-The grid depends only on static shapes (B, Hkv, ``num_splits``), never on the state, so a step can be
-captured in a CUDA graph.
+Launch modes (``PMKVQ_DECODE_MODE``; all exact against the reference, all graph-capturable):
+
+* ``legacy`` (default, the fastest measured on an H200, see benchmarks/RESULTS.md): ``_split_kernel_4part``,
+  codes in 4 parts, four K=D/4 dots, run-time bit-width per tile, per-element dequantization.
+* ``fused``: ``_split_kernel`` with ``ONLY=0``: runs of equal-bit chunks found at run time, each processed
+  by a branch-free loop compiled for its bit pair (affine form on the codes, one K=D dot, fp16 codes built
+  without int-to-float conversions); sink, window and other pairs by a generic loop.
+* ``split``: one ``_split_kernel`` launch per bit pair of the layout's ERS schedule plus one generic launch,
+  each writing its own partial slots.
+
+The grids depend only on static shapes (B, Hkv, ``num_splits``) and the layout, never on the state, so a
+step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -538,7 +548,7 @@ def check_attention_args(
 
 
 _FAST_PAIRS = ((4, 4), (2, 2), (8, 8), (8, 4), (4, 2))
-DEFAULT_MODE = "split"
+DEFAULT_MODE = "legacy"
 
 
 def _pair_bit(kb: int, vb: int) -> int:
@@ -627,7 +637,7 @@ def decode_attention(
         )  # fmt: skip
     _merge_kernel[(b, hq)](
         q, k_new, v_new, part_acc, part_ml, out, t, qk_scale,
-        HQ=hq, HKV=hkv, D=d, NUM_SPLITS=slots, SPLIT_P2=min(32, triton.next_power_of_2(slots)),
+        HQ=hq, HKV=hkv, D=d, NUM_SPLITS=slots, SPLIT_P2=min(128, triton.next_power_of_2(slots)),
         BLOCK_T=min(16, triton.next_power_of_2(max(t, 1))), num_warps=4,
     )  # fmt: skip
     return out
