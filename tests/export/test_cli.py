@@ -1,4 +1,4 @@
-"""`pmkvq export` on a saved tiny model directory, then `pmkvq generate --onnx`."""
+"""`pmkvq export` (custom flavor) on a saved tiny model directory, then `pmkvq generate --onnx`."""
 
 from __future__ import annotations
 
@@ -28,11 +28,10 @@ def test_export_then_generate(tmp_path: Path, capsys) -> None:
     _tokenizer().save_pretrained(src)
     Plan.uniform(model.config, 4, 64, n_window=8).save(tmp_path / "plan")
     out = tmp_path / "onnx"
-    assert main(["export", str(src), "--plan", str(tmp_path / "plan"), "--out", str(out)]) == 0
+    args = ["export", str(src), "--plan", str(tmp_path / "plan"), "--out", str(out), "--flavor", "custom"]
+    assert main(args) == 0
     assert "wrote" in capsys.readouterr().out
-    assert {"decoder.onnx", "prepare.onnx", "plan", "tokenizer", "pmkvq_onnx.json"} <= {
-        p.name for p in out.iterdir()
-    }
+    assert {"decoder.onnx", "plan", "tokenizer", "pmkvq_onnx.json"} <= {p.name for p in out.iterdir()}
     prompt = "w5 w17 w33 w2 w71 w9"
     rc = main(["generate", "--onnx", str(out), "--prompt", prompt, "--max-new-tokens", "40", "--no-chat"])
     assert rc == 0
