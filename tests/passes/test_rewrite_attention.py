@@ -238,8 +238,13 @@ def test_transformers_static_cache_graphs_are_matched_and_inconsistency_refused(
     cache = StaticCache(config=model.config, max_cache_len=64)
     with torch.no_grad():
         f(torch.randint(3, 96, (1, 5)), past_key_values=cache, use_cache=True)
-        assert sorted(s.layer for s in be.contexts[0].sites) == [0, 1]  # prefill: is_causal + enable_gqa
-        with pytest.raises(
-            Exception, match="served from the packed cache in one graph but declined in another"
-        ):
-            f(torch.randint(3, 96, (1, 1)), past_key_values=cache, use_cache=True)
+        prefill = be.contexts[0]
+        if prefill.sites:  # transformers versions whose prefill calls SDPA with is_causal and enable_gqa
+            assert sorted(s.layer for s in prefill.sites) == [0, 1]
+            with pytest.raises(
+                Exception, match="served from the packed cache in one graph but declined in another"
+            ):
+                f(torch.randint(3, 96, (1, 1)), past_key_values=cache, use_cache=True)
+        else:  # versions that pass a mask in prefill too: declined for the mask, so the write was matched
+            assert len(prefill.declined) == 2
+            assert all("not the causal mask" in reason for _, reason in prefill.declined)
