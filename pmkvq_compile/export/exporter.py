@@ -141,6 +141,9 @@ def to_onnx(
             "export_seconds": round(time.perf_counter() - t0, 1),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the result is an ordinary directory
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
