@@ -32,6 +32,7 @@ pmkvq = Opset(DOMAIN, DOMAIN_VERSION)
 
 
 def _custom_layer(q, k, v, arena, state, table, key_scale, attention_mask, layout, sm_scale):
+    """Translation of ``pmkvq_onnx::custom_layer`` (onnxscript values in, values out)."""
     arena2, state2, table2 = pmkvq.Append(
         arena, state, table, k, v, key_scale, layout=list(layout), _outputs=3
     )
@@ -54,6 +55,7 @@ def _custom_layer(q, k, v, arena, state, table, key_scale, attention_mask, layou
 
 
 def translations() -> dict[Any, Any]:
+    """The dynamo exporter's ``custom_translation_table`` for this flavor (registers the schemas first)."""
     register_schemas()
     return {torch.ops.pmkvq_onnx.custom_layer.default: _custom_layer}
 

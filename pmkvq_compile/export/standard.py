@@ -206,6 +206,7 @@ def _store(buf_k, buf_v, meta, k, v, bits_k, bits_v, start, lay: ArenaLayout, st
 
 
 def _standard_layer(q, k, v, state_tensors, key_scale, attention_mask, layout, sm_scale):
+    """Translation of ``pmkvq_onnx::standard_layer``: :func:`standard_ref.step` in standard ops."""
     lay = ArenaLayout.from_list(list(layout))
     sk, sv, smeta, wk, wv, wmeta, bk, bv, bmeta, st = state_tensors
     nt, wl, nb, kb, vb = (_get(st, j) for j in range(5))
@@ -280,6 +281,7 @@ def _standard_layer(q, k, v, state_tensors, key_scale, attention_mask, layout, s
 
 
 def _prepare(wk, wv, wmeta, bk, bv, bmeta, state, target_bits, layout):
+    """Translation of ``pmkvq_onnx::prepare``: :func:`standard_ref.prepare` (flush) in standard ops."""
     lay = ArenaLayout.from_list(list(layout))
     d = lay.head_dim
     nt, wl, nb, kb, vb = (_get(state, j) for j in range(5))
@@ -344,6 +346,7 @@ class _Prepare(torch.nn.Module):
 
 
 def translations() -> dict[Any, Any]:
+    """The dynamo exporter's ``custom_translation_table`` for this flavor (decoder step and prepare)."""
     return {
         torch.ops.pmkvq_onnx.standard_layer.default: _standard_layer,
         torch.ops.pmkvq_onnx.prepare.default: _prepare,

@@ -75,6 +75,7 @@ def capacities(lay: ArenaLayout) -> tuple[int, int, int]:
 
 
 def specs(lay: ArenaLayout) -> list[StateSpec]:
+    """The state tensors of one layer, in graph order (see the module docstring)."""
     from .step import StateSpec
 
     h, d, g = lay.num_kv_heads, lay.head_dim, lay.groups
