@@ -177,7 +177,7 @@ def test_backend_refuses_bad_arguments() -> None:
         backend("plan.json")  # type: ignore[arg-type]
 
 
-def test_inductor_custom_pass_in_an_existing_pipeline(monkeypatch) -> None:
+def test_inductor_custom_pass_in_an_existing_pipeline() -> None:
     """The pass as Inductor's post-grad custom pass (ATen SDPA, functional index_put writes) under the default
     ``torch.compile`` backend, against the eager progressive cache; uuid() hashes the source and the plan."""
     import torch._inductor.config as inductor_config
@@ -189,10 +189,9 @@ def test_inductor_custom_pass_in_an_existing_pipeline(monkeypatch) -> None:
     plan = _plan(model, 4, 64)
     p = inductor_pass(plan)
     assert p.uuid() == p.uuid() and p.uuid() != inductor_pass(_plan(model, 2, 64)).uuid()
-    monkeypatch.setattr(inductor_config, "post_grad_custom_post_pass", p)
     f = torch.compile(model, fullgraph=True)
     ids = torch.randint(0, 64, (1, 40))
-    with torch.no_grad():
+    with inductor_config.patch(post_grad_custom_post_pass=p), torch.no_grad():
         got = _run_decode(f, ids, 10, 30)
         ref = _reference(model, plan, ids, 10, 30)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
