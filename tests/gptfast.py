@@ -28,10 +28,18 @@ class KVCache(nn.Module):
         super().__init__()
         self.register_buffer("k_cache", torch.zeros(batch, heads, max_len, head_dim))
         self.register_buffer("v_cache", torch.zeros(batch, heads, max_len, head_dim))
+        self.slice_writes = False
+        self.next_pos = 0
 
     def update(
         self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.slice_writes:  # slice assignment at Python-int positions (graphs specialise on the start)
+            start = self.next_pos
+            self.next_pos = start + k.shape[2]
+            self.k_cache[:, :, start : self.next_pos] = k
+            self.v_cache[:, :, start : self.next_pos] = v
+            return self.k_cache[:, :, : self.next_pos], self.v_cache[:, :, : self.next_pos]
         self.k_cache[:, :, input_pos] = k
         self.v_cache[:, :, input_pos] = v
         return self.k_cache, self.v_cache
@@ -79,7 +87,10 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)
             k = k.repeat_interleave(self.h // self.hkv, dim=1)
             v = v.repeat_interleave(self.h // self.hkv, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout)
+            if self.kv_cache.slice_writes:  # K/V are the cache's prefix: causal needs no mask
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1)), new_past
 
 

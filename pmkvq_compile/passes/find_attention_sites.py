@@ -165,9 +165,23 @@ def find_attention_sites(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
             ctx.decline(node, f"{tq} queries for {tk} new keys: not self-attention over a cache")
             continue
         restart = False
+        position = wk.position
         if wk.kind == "cat":
             past = _val(wk.result.args[0][0])
             restart = past is not None and past.shape[2] == 0
+        elif isinstance(
+            position, slice
+        ):  # cache[:, :, a:b] = x: a graph specialised on a (0 starts a sequence)
+            if isinstance(position.start, fx.Node):
+                ctx.decline(node, "a cache slice with a symbolic start is not served")
+                continue
+            restart, position = position.start in (None, 0), None
+        full_k = _val(call.k)
+        if call.attn_mask is None and call.is_causal and tq > 1 and (full_k is None or full_k.shape[2] != tq):
+            # SDPA's is_causal aligns queries to the first keys: with a past that is not PM-KVQ's causal
+            ctx.decline(node, f"is_causal with {tq} queries over a longer K (top-left aligned causal mask)")
+            ctx.declined_cache_layers[layer] = "is_causal over a past"
+            continue
         if call.attn_mask is None:
             causal = call.is_causal or tq == 1
         else:
@@ -189,7 +203,7 @@ def find_attention_sites(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
                 q=call.q,
                 k_new=wk.value,
                 v_new=wv.value,
-                position=wk.position,
+                position=position,
                 restart=restart,
                 writes=[*wk.nodes, *wv.nodes],
                 scale=float(call.scale) if call.scale is not None else 1.0 / math.sqrt(d),

@@ -247,3 +247,26 @@ def test_transformers_static_cache_graphs_are_matched_and_inconsistency_refused(
         else:  # versions that pass a mask in prefill too: declined for the mask, so the write was matched
             assert len(prefill.declined) == 2
             assert all("not the causal mask" in reason for _, reason in prefill.declined)
+
+
+def test_slice_assignment_cache_is_rewritten() -> None:
+    """``cache[:, :, a:b] = x`` with Python-int positions (Dynamo specialises each graph on ``a``)."""
+    torch._dynamo.reset()
+    model = Transformer(dim=64, heads=4, kv_heads=2, layers=2, max_len=64).eval()
+    plan = _plan(model, 4, 64)
+    for blk in model.layers:
+        blk.attention.kv_cache.slice_writes = True
+    be = backend(plan, compiler="eager")
+    graphs = _capture(be)
+    f = torch.compile(model, backend=be, fullgraph=True)
+    ids = torch.randint(0, 64, (1, 20))
+    with torch.no_grad():
+        got = _run_decode(f, ids, 10, 6)
+    for blk in model.layers:
+        blk.attention.kv_cache.slice_writes = False
+    with torch.no_grad():
+        ref = _reference(model, plan, ids, 10, 6)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert all(len(c.sites) == 2 and not c.declined for c in be.contexts)
+    for gm in graphs:
+        assert not any(n.target is SDPA for n in gm.graph.nodes)
