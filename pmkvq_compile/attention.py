@@ -56,6 +56,13 @@ def _sdpa(
     return out.transpose(1, 2).contiguous()
 
 
+def _refuse_unsupported(dropout: float, kwargs: dict[str, Any]) -> None:
+    if dropout:
+        raise ValueError(f"pmkvq attention does not support dropout={dropout}; call model.eval()")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("pmkvq attention does not support soft-capped attention (softcap)")
+
+
 def pmkvq_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -71,10 +78,7 @@ def pmkvq_attention_forward(
     Returns ``(attn_output [B, T, Hq, D], None)``. Refuses dropout > 0 and soft-capping (the quantized
     cache is an inference feature).
     """
-    if dropout:
-        raise ValueError(f"pmkvq attention does not support dropout={dropout}; call model.eval()")
-    if kwargs.get("softcap") is not None:
-        raise ValueError("pmkvq attention does not support soft-capped attention (softcap)")
+    _refuse_unsupported(dropout, kwargs)
     last = cache_mod._LAST_UPDATE.get()
     if last is None or last[1] is not key:
         return _sdpa(query, key, value, attention_mask, scaling), None
@@ -104,10 +108,7 @@ def packed_attention_forward(
     no mask: nothing in a compiled step depends on the length). ``query [B, Hq, T, D]`` -> ``[B, T, Hq, D]``.
     Refuses dropout, soft-capping, and being called outside :func:`~pmkvq_compile.packed_cache.use_packed_cache`.
     """
-    if dropout:
-        raise ValueError(f"pmkvq attention does not support dropout={dropout}; call model.eval()")
-    if kwargs.get("softcap") is not None:
-        raise ValueError("pmkvq attention does not support soft-capped attention (softcap)")
+    _refuse_unsupported(dropout, kwargs)
     packed = active_packed_cache()
     if packed is None:
         raise ValueError(

@@ -30,7 +30,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import quant
-from .plan import LayerPlan, ModelGeometry, Plan
+from .plan import LayerPlan, ModelGeometry, Plan, next_body_bits
 
 __all__ = ["BudgetExceededError", "ProgressiveKVCache", "ProgressiveLayer", "Segment", "next_body_bits"]
 
@@ -61,24 +61,6 @@ class Segment:
         vc = num_kv_heads * self.capacity * head_dim * self.value_bits // 8
         meta = 4 * num_kv_heads * self.capacity * groups * 4
         return self.offset, self.offset + kc, self.offset + kc + vc, self.offset + kc + vc + meta
-
-
-def next_body_bits(key_bits: int, value_bits: int, final: tuple[int, int]) -> tuple[int, int] | None:
-    """One ERS level down for the body, or None at (2, 2).
-
-    The sides (keys, values) that are furthest above their final bits (by ratio) shrink together, so a
-    plan with equal key and value bits walks 16 -> 8 -> 4 -> 2 on both at once, as in the paper, and a plan
-    with different final bits passes through exactly its ``(key_bits, value_bits)``.
-    """
-    ratios = {
-        side: bits / f for side, bits, f in ((0, key_bits, final[0]), (1, value_bits, final[1])) if bits > 2
-    }
-    if not ratios:
-        return None
-    top = max(ratios.values())
-    kb = key_bits // 2 if ratios.get(0) == top else key_bits
-    vb = value_bits // 2 if ratios.get(1) == top else value_bits
-    return kb, vb
 
 
 def _ers_to(

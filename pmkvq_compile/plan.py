@@ -35,6 +35,7 @@ __all__ = [
     "ModelGeometry",
     "Plan",
     "PlanMismatchError",
+    "next_body_bits",
     "token_bytes",
 ]
 
@@ -105,6 +106,25 @@ class ModelGeometry:
             "hidden_size": self.hidden_size,
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def next_body_bits(key_bits: int, value_bits: int, final: tuple[int, int]) -> tuple[int, int] | None:
+    """The body's ERS schedule: one level down from ``(key_bits, value_bits)``, or None at (2, 2).
+
+    The sides (keys, values) above 2 bits that are furthest above their final bits (by ratio) shrink together,
+    so a plan with equal key and value bits walks 16 -> 8 -> 4 -> 2 on both at once, as in the paper, and a plan
+    with different final bits passes through exactly its ``(key_bits, value_bits)``. The cache, the kernels and
+    the ONNX runner all use this one rule.
+    """
+    ratios = {
+        side: bits / f for side, bits, f in ((0, key_bits, final[0]), (1, value_bits, final[1])) if bits > 2
+    }
+    if not ratios:
+        return None
+    top = max(ratios.values())
+    kb = key_bits // 2 if ratios.get(0) == top else key_bits
+    vb = value_bits // 2 if ratios.get(1) == top else value_bits
+    return kb, vb
 
 
 def token_bytes(num_kv_heads: int, head_dim: int, group_size: int, key_bits: int, value_bits: int) -> int:

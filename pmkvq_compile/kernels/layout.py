@@ -24,7 +24,7 @@ from dataclasses import astuple, dataclass, fields
 
 import torch
 
-from ..plan import Plan
+from ..plan import Plan, next_body_bits
 from ..quant import check_bits
 
 __all__ = [
@@ -41,21 +41,6 @@ __all__ = [
 
 N_TOKENS, WINDOW_LEN, N_CHUNKS, BODY_KB, BODY_VB, OVERFLOW = range(6)
 STATE_SIZE = 8
-
-
-def next_body_bits(key_bits: int, value_bits: int, final: tuple[int, int]) -> tuple[int, int] | None:
-    """The cache's ERS schedule (same rule as :func:`pmkvq_compile.cache.next_body_bits`, tested equal; kept
-    here so the kernels need no transformers import): the sides (keys, values) above 2 bits whose ratio
-    ``bits / final`` is the largest shrink together; None at (2, 2)."""
-    ratios = {
-        side: bits / f for side, bits, f in ((0, key_bits, final[0]), (1, value_bits, final[1])) if bits > 2
-    }
-    if not ratios:
-        return None
-    top = max(ratios.values())
-    kb = key_bits // 2 if ratios.get(0) == top else key_bits
-    vb = value_bits // 2 if ratios.get(1) == top else value_bits
-    return kb, vb
 
 
 @dataclass(frozen=True)

@@ -102,12 +102,16 @@ def test_attention_reference_matches_sdpa(t: int) -> None:
         torch.testing.assert_close(dec, out[:, :, 0])
 
 
-def test_schedule_is_the_caches() -> None:
-    from pmkvq_compile.cache import next_body_bits as cache_rule
-
-    bits = (16, 8, 4, 2)
-    for kb in bits:
-        for vb in bits:
-            for fk in bits[1:]:
-                for fv in bits[1:]:
-                    assert next_body_bits(kb, vb, (fk, fv)) == cache_rule(kb, vb, (fk, fv))
+@pytest.mark.parametrize(
+    "final, path",
+    [
+        ((4, 4), [(16, 16), (8, 8), (4, 4), (2, 2)]),
+        ((4, 2), [(16, 16), (16, 8), (8, 4), (4, 2), (2, 2)]),
+        ((8, 2), [(16, 16), (16, 8), (16, 4), (8, 2), (4, 2), (2, 2)]),
+    ],
+)
+def test_schedule_walks_through_the_final_bits(final, path) -> None:
+    got = [(16, 16)]
+    while (nxt := next_body_bits(*got[-1], final)) is not None:
+        got.append(nxt)
+    assert got == path
