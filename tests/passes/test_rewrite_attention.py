@@ -270,3 +270,20 @@ def test_slice_assignment_cache_is_rewritten() -> None:
     assert all(len(c.sites) == 2 and not c.declined for c in be.contexts)
     for gm in graphs:
         assert not any(n.target is SDPA for n in gm.graph.nodes)
+
+
+def test_glue_ops_pass_opcheck_and_reset_exactly() -> None:
+    """``pmkvq::restart`` / ``restart_always`` (wired in by the rewrite) against their definition."""
+    state = torch.tensor([40, 7, 4, 8, 8, 0, 0, 0], dtype=torch.int32)
+    for positions, expected in [
+        (torch.arange(5, 9), state.tolist()),  # a continuing sequence: unchanged
+        (torch.arange(0, 4), [0, 0, 0, 16, 16, 0, 0, 0]),  # position 0 starts over
+    ]:
+        s = state.clone()
+        torch.ops.pmkvq.restart(s, positions, 16)
+        assert s.tolist() == expected
+        torch.library.opcheck(torch.ops.pmkvq.restart.default, (state.clone(), positions, 16))
+    s = state.clone()
+    torch.ops.pmkvq.restart_always(s, 8)
+    assert s.tolist() == [0, 0, 0, 8, 8, 0, 0, 0]
+    torch.library.opcheck(torch.ops.pmkvq.restart_always.default, (state.clone(), 8))
