@@ -291,11 +291,16 @@ class PmkvqCompiledModel:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
         logits = self.prefill(input_ids, attention_mask)
         out = [input_ids]
+        finished = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
         for i in range(max_new_tokens):
             nxt = self._pick(logits, do_sample, temperature, top_k, generator)
+            if (
+                eos_token_id is not None
+            ):  # rows that already ended keep emitting eos, as transformers pads them
+                nxt = nxt.masked_fill(finished, eos_token_id)
+                finished |= nxt == eos_token_id
             out.append(nxt)
-            done = eos_token_id is not None and bool((nxt == eos_token_id).all())
-            if done or i == max_new_tokens - 1:
+            if bool(finished.all()) or i == max_new_tokens - 1:
                 break
             logits = self.decode(nxt)
         return torch.cat(out, dim=1)

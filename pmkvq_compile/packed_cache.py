@@ -57,11 +57,12 @@ class PackedLayer(CacheLayerMixin):
 
     def check_room(self, n_new: int) -> None:
         """Raise BudgetExceededError (changing nothing) when ``n_new`` more tokens cannot be held."""
-        if self.n_tokens + n_new > self.capacity:
+        n = self.n_tokens + n_new
+        if n > self.capacity:
             lay = self.st.layout
-            raise BudgetExceededError(
-                self.layer_idx, self.n_tokens + n_new, lay.budget_bytes, lay.budget_bytes + 1
-            )
+            chunks = max(n - lay.n_sink, 0) // lay.n_window  # what the body would hold, all at 2 bits
+            needed = lay.body_offset + chunks * lay.chunk_bytes(2, 2)
+            raise BudgetExceededError(self.layer_idx, n, lay.budget_bytes, needed)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         """Append ``[B, Hkv, T, D]`` keys/values; returns them unchanged (the attention reads the arena)."""

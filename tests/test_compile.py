@@ -99,3 +99,23 @@ def test_refusals_leave_nothing_changed() -> None:
     mistral.config.sliding_window = 16
     with pytest.raises(ValueError, match="sliding_window=16"):
         pk.compile(mistral, pk.Plan.uniform(mistral.config, 4, 64))
+
+
+def test_budget_error_names_the_bytes_and_rows_stop_at_eos() -> None:
+    model = tiny("llama")
+    plan = pk.Plan.uniform(model.config, 2, 40, n_window=8)
+    cm = pk.compile(model, plan, batch_size=2, backend="eager")
+    ids = torch.randint(3, 96, (2, 8))
+    with pytest.raises(pk.BudgetExceededError) as e:
+        cm.generate(ids, max_new_tokens=200)
+    lay = cm.cache.layers[0].st.layout
+    assert (
+        e.value.length == cm.cache.layers[0].capacity + 1
+        and e.value.needed > e.value.budget == lay.budget_bytes
+    )
+    out = cm.generate(ids, max_new_tokens=12)
+    eos = int(out[0, 9])  # pretend row 0's second generated token is the end of sequence
+    got = cm.generate(ids, max_new_tokens=12, eos_token_id=eos)
+    first = int((got[0, 8:] == eos).nonzero()[0])
+    assert (got[0, 8 + first :] == eos).all()  # a finished row keeps emitting eos
+    assert got.shape[1] <= out.shape[1]
