@@ -72,6 +72,26 @@ def _check_kv(arena: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lay: 
         raise ValueError(f"key/value are on {key.device}/{value.device} but the arena is on {arena.device}")
 
 
+def _check_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    arena: torch.Tensor,
+    state: torch.Tensor,
+    table: torch.Tensor,
+    lengths: torch.Tensor,
+    key_scale: torch.Tensor | None,
+    layout: list[int],
+    q_dims: int,
+) -> None:
+    """The attention launchers' own argument checks, for the reference branch."""
+    from .kernels.decode_attention import check_attention_args
+
+    lay = ArenaLayout.from_list(layout)
+    check_layout_tensors(lay, arena, state, table)
+    check_attention_args(q, k_new, v_new, lengths, key_scale, lay, arena, q_dims)
+
+
 @torch.library.custom_op("pmkvq::append", mutates_args=("arena", "state", "table"))
 def append(
     arena: torch.Tensor,
@@ -141,17 +161,13 @@ def decode_attention(
     num_splits: int,
 ) -> torch.Tensor:
     """See the module docstring."""
-    from .kernels.decode_attention import check_attention_args
-
-    lay = ArenaLayout.from_list(layout)
-    check_layout_tensors(lay, arena, state, table)
-    check_attention_args(q, k_new, v_new, lengths, key_scale, lay, arena, 3)
-    if use_triton(q.device, layout):
+    if use_triton(q.device, layout):  # the launcher validates its arguments itself
         from .kernels import decode_attention as kernel
 
         return kernel.decode_attention(
             q, k_new, v_new, arena, state, table, lengths, key_scale, layout, sm_scale, num_splits
         )
+    _check_attention(q, k_new, v_new, arena, state, table, lengths, key_scale, layout, 3)
     return reference.decode_attention(
         q, k_new, v_new, arena, state, table, lengths, key_scale, layout, sm_scale, num_splits
     )
@@ -176,18 +192,16 @@ def prefill_attention(
     sm_scale: float,
 ) -> torch.Tensor:
     """See the module docstring."""
-    from .kernels.decode_attention import check_attention_args
-
-    lay = ArenaLayout.from_list(layout)
-    check_layout_tensors(lay, arena, state, table)
-    check_attention_args(q, k_new, v_new, lengths, key_scale, lay, arena, 4)
-    if k_new.shape[2] != q.shape[2]:
-        raise ValueError(f"prefill needs as many new keys as queries, got {k_new.shape[2]} for {q.shape[2]}")
-    if use_triton(q.device, layout):
+    if use_triton(q.device, layout):  # the launcher validates its arguments itself
         from .kernels import prefill_attention as kernel
 
         return kernel.prefill_attention(
             q, k_new, v_new, arena, state, table, lengths, key_scale, layout, sm_scale
+        )
+    _check_attention(q, k_new, v_new, arena, state, table, lengths, key_scale, layout, 4)
+    if k_new.shape[2] != q.shape[2]:
+        raise ValueError(
+            f"prefill needs as many new keys as queries, got {k_new.shape[2]} keys for {q.shape[2]} queries"
         )
     return reference.prefill_attention(
         q, k_new, v_new, arena, state, table, lengths, key_scale, layout, sm_scale
