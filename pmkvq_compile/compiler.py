@@ -99,8 +99,7 @@ class PmkvqBackend:
 
     def body_bits(self, layer: int) -> tuple[int, int]:
         """Current (key, value) body bits of ``layer`` (reads device state)."""
-        kb, vb = self.states[layer].state[3:5].tolist()
-        return int(kb), int(vb)
+        return self.states[layer].body_bits()
 
 
 class PmkvqInductorPass(CustomGraphPass):

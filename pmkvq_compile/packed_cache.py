@@ -148,8 +148,8 @@ class PackedKVCache(Cache):
         return sum(lay.st.nbytes() for lay in self.layers)
 
     def body_bits(self, layer: int) -> tuple[int, int]:
-        kb, vb = self.layers[layer].st.state[3:5].tolist()
-        return int(kb), int(vb)
+        """Current (key, value) body bits of ``layer`` (reads device state)."""
+        return self.layers[layer].st.body_bits()
 
     def allocated_bytes(self) -> int:
         return sum(lay.st.arena.numel() for lay in self.layers)

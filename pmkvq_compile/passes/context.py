@@ -55,6 +55,11 @@ class LayerState:
         self.state.copy_(self.layout.initial_state(self.state.device))
         self.table.zero_()
 
+    def body_bits(self) -> tuple[int, int]:
+        """Current (key, value) bits of the body (reads the device state: a host sync)."""
+        kb, vb = self.state[3:5].tolist()
+        return int(kb), int(vb)
+
     def nbytes(self) -> int:
         """Bytes the held tokens need, per sequence (reads the device state: a host sync)."""
         n, wl, nc = (int(x) for x in self.state[:3].tolist())
