@@ -35,7 +35,7 @@ def make_cache(batch: int, length: int, chunk_bits: list[tuple[int, int]], spare
     proto = ArenaLayout(HKV, D, GS, 1, NW, 16, 16, 16, 4, 4, 1 << 30)
     body = sum(proto.chunk_bytes(kb, vb) for kb, vb in chunk_bits) + spare_chunks * proto.chunk_bytes(16, 16)
     budget = proto.body_offset + body
-    budget += (-budget) % 4
+    budget += (-budget) % 16
     lay = ArenaLayout(HKV, D, GS, 1, NW, 16, 16, 16, 2, 2, budget)
     dev = "cuda"
     arena = torch.randint(0, 256, (batch, budget), dtype=torch.uint8, device=dev)
@@ -125,15 +125,12 @@ def main() -> None:
         kn = torch.randn(8, HKV, 1, D, dtype=torch.float16, device="cuda")
         lengths = torch.full((8,), length, dtype=torch.int32, device="cuda")
         op_args = (q, kn, kn, arena, state, table, lengths, None, lay.to_list(), D**-0.5, 0)
-        for cfg in os.environ["SWEEP"].split(";"):  # "[mode:]BLOCK_N,num_warps,num_stages"
-            mode, _, knobs = cfg.rpartition(":")
-            os.environ["PMKVQ_DECODE_MODE"] = mode or dk.DEFAULT_MODE
-            os.environ["PMKVQ_DECODE_CFG"] = knobs
-            print(
-                f"sweep B8 4-bit cfg {cfg}: {graph_ms(lambda: ops.decode_attention(*op_args)) * 1e3:.1f} us"
-            )
+        for cfg in os.environ["SWEEP"].split(";"):  # "BLOCK_N,num_warps,num_stages[,splits]"
+            knobs = cfg.split(",")
+            os.environ["PMKVQ_DECODE_CFG"] = ",".join(knobs[:3])
+            a = (*op_args[:-1], int(knobs[3]) if len(knobs) > 3 else 0)
+            print(f"sweep B8 4-bit cfg {cfg}: {graph_ms(lambda a=a: ops.decode_attention(*a)) * 1e3:.1f} us")
         os.environ["PMKVQ_DECODE_CFG"] = os.environ.get("BEST", "")
-        os.environ["PMKVQ_DECODE_MODE"] = os.environ.get("BEST_MODE", dk.DEFAULT_MODE)
         del arena
     if os.environ.get("SWEEP_B1"):  # split counts at batch 1 (the default picks from static shapes)
         lay, arena, state, table = make_cache(1, length, [(4, 4)] * nc)
@@ -151,11 +148,7 @@ def main() -> None:
         f"{'case':<14} {'eager us':>9} {'graph us':>9} {'sdpa us':>8} {'speedup':>8} {'GB/s':>7} {'of copy':>8}  sdpa form"
     )
     sdpa_cache: dict[int, tuple[float, str]] = {}
-    table_modes = [m for m in os.environ.get("TABLE_MODES", "").split(",") if m] or [None]
-    for mode in table_modes:  # launch modes of pmkvq::decode_attention to tabulate (default: the default)
-        if mode:
-            os.environ["PMKVQ_DECODE_MODE"] = mode
-            print(f"mode {mode}")
+    for _ in (0,):
         for name, batch, chunks in cases:
             lay, arena, state, table = make_cache(batch, length, chunks)
             q = torch.randn(batch, HQ, D, dtype=torch.float16, device="cuda")
@@ -174,15 +167,17 @@ def main() -> None:
             print(f"{name:<14} {ms * 1e3:>9.1f} {gms * 1e3:>9.1f} {base * 1e3:>8.1f} {base / gms:>7.2f}x "
                   f"{nbytes / (gms * 1e-3) / 1e9:>7.0f} {nbytes / (gms * 1e-3) / copy_bw:>7.0%}  {form}")  # fmt: skip
             results["cases"].append(
-                {"case": name, "mode": mode or dk.DEFAULT_MODE, "pmkvq_us": ms * 1e3, "pmkvq_graph_us": gms * 1e3, "sdpa_us": base * 1e3, "speedup": base / ms, "GBps": bw / 1e9,
+                {"case": name, "pmkvq_us": ms * 1e3, "pmkvq_graph_us": gms * 1e3, "sdpa_us": base * 1e3, "speedup": base / ms, "GBps": bw / 1e9,
                  "sdpa_form": form}
             )  # fmt: skip
             del arena
-    for kern in (dk._split_kernel, dk._merge_kernel):
+    for kern in (dk._body_kernel, dk._edge_kernel, dk._merge_kernel):
         for cache in getattr(kern, "device_caches", {}).values():
             for ck in cache[0].values():
                 consts = getattr(getattr(ck, "src", None), "constants", {}) or {}
-                tag = {str(k): v for k, v in consts.items() if str(k) in ("ONLY", "BLOCK_N", "('ONLY',)")}
+                tag = {
+                    str(k): v for k, v in consts.items() if str(k).strip("(),' ") in ("KB", "VB", "BLOCK_N")
+                }
                 print(f"{kern.fn.__name__} {tag} warps {ck.metadata.num_warps} stages {ck.metadata.num_stages}: "
                       f"{ck.n_regs} registers, {ck.n_spills} spills, {ck.metadata.shared} B smem")  # fmt: skip
     # append: one token per step, amortized over 2 windows (flushes included), body at 4 bits

@@ -189,6 +189,7 @@ def attend_segment(
     cap,
     kb,
     vb,
+    n_begin,
     n_valid,
     h,
     HKV: tl.constexpr,
@@ -200,13 +201,13 @@ def attend_segment(
     PREC: tl.constexpr,
 ):
     """Online-softmax attention of 4-part queries ``[M, D/4]`` (already scaled by sm_scale * log2 e) over the
-    first ``n_valid`` tokens of one region of KV head ``h``. ``a8r``.. ``afr`` point at the batch row's
+    tokens ``n_begin..n_valid`` of one region of KV head ``h``. ``a8r``.. ``afr`` point at the batch row's
     arena (int32 offsets inside a row keep registers low). Returns the updated ``m, l, acc0..3``."""
     i = tl.arange(0, D // 4)
     PART = HKV * cap * G
     mb = (off + HKV * cap * (D * (kb + vb) // 8)) // 4
     vstart = off + HKV * cap * (D * kb // 8)
-    for n0 in range(0, n_valid, BLOCK_N):
+    for n0 in range(n_begin, n_valid, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nm = n < n_valid
         r = h * cap + n

@@ -1,23 +1,17 @@
 """Decode attention over the packed arena: one query per row, GQA, split-K with a log-sum-exp merge.
 
-A split kernel runs one program per (batch row, KV head, split). The query heads of the KV head's group
-are the rows of the dot products (padded to 16), so K/V codes are loaded once per group. The past's
-segments (sink, body chunks, window; each with its own bit-widths, read from ``table``) are divided evenly
-over the splits; a split writes its partial output, max and sum. ``_merge_kernel`` (one program per row
-and query head) attends the step's own new tokens in full precision and merges every partial.
+Three kinds of launch, each over a grid fixed by static shapes (B, Hkv, ``num_splits``) and the layout,
+never by the state, so a step can be captured in a CUDA graph:
 
-Launch modes (``PMKVQ_DECODE_MODE``; all exact against the reference, all graph-capturable):
-
-* ``legacy`` (default, the fastest measured on an H200, see benchmarks/RESULTS.md): ``_split_kernel_4part``,
-  codes in 4 parts, four K=D/4 dots, run-time bit-width per tile, per-element dequantization.
-* ``fused``: ``_split_kernel`` with ``ONLY=0``: runs of equal-bit chunks found at run time, each processed
-  by a branch-free loop compiled for its bit pair (affine form on the codes, one K=D dot, fp16 codes built
-  without int-to-float conversions); sink, window and other pairs by a generic loop.
-* ``split``: one ``_split_kernel`` launch per bit pair of the layout's ERS schedule plus one generic launch,
-  each writing its own partial slots.
-
-The grids depend only on static shapes (B, Hkv, ``num_splits``) and the layout, never on the state, so a
-step can be captured in a CUDA graph.
+* :func:`_body_kernel`, one launch per bit pair of the layout's ERS schedule with both bits <= 8: the body
+  chunks of that pair, split evenly over the programs of each (row, KV head). Tokens are the rows of the
+  dot products (``S^T = codes @ q^T``; on Hopper a wgmma whose A operand is unpacked in registers from
+  packed words that the pipeliner streams into shared memory), the GQA group's query heads (padded to 16)
+  its columns, so K/V codes are read once per group. The affine form keeps the codes exact in float16.
+* :func:`_edge_kernel`: the sink, the window (sliced over the programs) and any chunk the body launches do
+  not take (16-bit chunks, pairs outside the schedule, several groups per head), dequantized per element.
+* :func:`_merge_kernel` (one program per row and query head): the step's own new tokens in full precision,
+  and the log-sum-exp merge of every partial.
 """
 
 from __future__ import annotations
@@ -57,162 +51,165 @@ def _load_q4(q_ptr, rows, rmask, ks_ptr, kv_head, scale, D: tl.constexpr, HAS_KS
     return q0, q1, q2, q3
 
 
+# ---- "stream": tokens as the mma's M dimension, packed words converted once, codes unpacked in registers ----
+
+
 @triton.jit
-def _unpack(w, BITS: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DT: tl.constexpr):
-    """int32 words ``[R, D * BITS / 32]`` (quant.pack order: code ``d`` in bits ``BITS * (d % PER)`` of word
-    ``d // PER``) -> codes ``[R, D]`` in natural order as DT (exact: codes are <= 8 bits). For float16 no
-    int-to-float conversion (a quarter-rate instruction) is used: ``c | 0x6400`` is the half 1024 + c."""
-    PER: tl.constexpr = 32 // BITS
-    sh = tl.arange(0, PER) * BITS
-    c = (w[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)
-    if DT == tl.float16:  # noqa: SIM300
-        h = (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+def _words(a8r, a16r, a32r, off, r, i, m, BITS: tl.constexpr, D: tl.constexpr):
+    """Words holding 4 consecutive codes (u8 at 2 bits, i16 at 4, i32 at 8) of rows ``r`` ``[R]`` of the code
+    array at byte ``off`` (a multiple of 16, so loads are 16-byte vectors), word columns ``i`` ``[D/4]``."""
+    mm = m[:, None]
+    if BITS == 2:
+        w = tl.load(a8r + off + (r * (D // 4))[:, None] + i[None, :], mask=mm, other=0)
+    elif BITS == 4:
+        w = tl.load(a16r + off // 2 + (r * (D // 4))[:, None] + i[None, :], mask=mm, other=0)
     else:
-        h = c.to(DT)
-    return tl.reshape(h, [R, D])
+        w = tl.load(a32r + off // 4 + (r * (D // 4))[:, None] + i[None, :], mask=mm, other=0)
+    return w
 
 
 @triton.jit
-def _online(s, m_i, l_i):
-    """Online-softmax step on scores ``s [M, N]`` (log2 units, -inf where masked): ``(p, alpha, m, l)``.
-    A row whose scores are all -inf so far keeps m = -inf without producing NaNs."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    return p, alpha, m_new, l_i
+def _code(w, P: tl.constexpr, BITS: tl.constexpr, CT: tl.constexpr):
+    """Codes ``4i + P`` of the words from :func:`_words` as CT (exact: <= 8 bits). For float16 without an
+    int-to-float conversion (a quarter-rate instruction that limited the loop): ``0x6400 | c`` is the half
+    ``1024 + c``."""
+    c = ((w >> (BITS * P)) & ((1 << BITS) - 1)).to(tl.int16)
+    if CT == tl.float16:  # noqa: SIM300
+        return (c | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    return c.to(CT)
 
 
 @triton.jit
-def _attend_run(
-    qd,
-    qsum,
+def _tile_loop(
+    q_ptr,
+    qrows,
+    rmask,
+    ks_ptr,
+    qk_scale,
     m_i,
     l_i,
-    acc,
+    acc0,
+    acc1,
+    acc2,
+    acc3,
+    a8r,
+    a16r,
     a32r,
     afr,
-    table,
+    off0,
     c_begin,
     c_end,
+    tok0,
     length,
     h,
-    HKV: tl.constexpr,
-    D: tl.constexpr,
-    N_SINK: tl.constexpr,
-    NW: tl.constexpr,
     KB: tl.constexpr,
     VB: tl.constexpr,
+    CAP: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    HAS_KS: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    DT: tl.constexpr,
+    CT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Body chunks ``c_begin..c_end`` (all at ``KB``/``VB`` <= 8 bits, one quantization group per head), tile
-    by tile without any branch. Affine form: with k_hat = s_k * c - z_k, ``q . k_hat = s_k * (q . c) -
-    z_k * sum(q)``; with v_hat = s_v * c - z_v, ``sum_n p_n v_hat_n = (p * s_v) @ c - sum_n p_n z_v``. The
-    codes are only converted to DT (exact for <= 8 bits) and fed to one K=D dot each."""
-    TPC: tl.constexpr = (NW + BLOCK_N - 1) // BLOCK_N
-    KW: tl.constexpr = D * KB // 32
-    VW: tl.constexpr = D * VB // 32
-    PART: tl.constexpr = HKV * NW
-    META: tl.constexpr = HKV * NW * (D * (KB + VB) // 8) // 4
-    VOFF: tl.constexpr = HKV * NW * KW
+    """Regions ``c_begin..c_end`` of capacity ``CAP``, all at ``KB``/``VB`` <= 8 bits with one group per head,
+    stored back to back from byte ``off0`` (region ``c`` holds tokens from ``tok0 + c * CAP``). Tile by
+    tile with no branch and with addresses computed from the loop index alone (no table lookup), so Triton
+    pipelines the loads (``num_stages``).
+
+    Scores are computed transposed, ``S^T [BLOCK_N, M] = sum_j codes_j [BLOCK_N, D/4] @ q_j^T [D/4, M]``, so
+    the codes are the mma's A operand: the packed words go to shared memory and are unpacked in the
+    operand's registers. The affine form keeps the codes exact: ``q . k_hat = s_k (q . c) - z_k sum(q)`` and
+    ``sum_n p_n v_hat_n = (p s_v) @ c - sum_n p_n z_v``. The dots run in ``CT`` (float16 on the GPU, for
+    every query dtype: bfloat16 queries are scaled by a power of two into float16's range first; float32
+    under the interpreter). Row sums are kept per tile element and reduced once at the end."""
+    TPC: tl.constexpr = (CAP + BLOCK_N - 1) // BLOCK_N
+    KBY: tl.constexpr = D * KB // 8
+    VBY: tl.constexpr = D * VB // 8
+    PART: tl.constexpr = HKV * CAP
+    VOFF: tl.constexpr = HKV * CAP * KBY
+    MOFF: tl.constexpr = HKV * CAP * (KBY + VBY)
+    RB: tl.constexpr = MOFF + 16 * HKV * CAP  # bytes of one region (one group per head)
+    # region offsets are multiples of 16 (token bytes are, for the head dims the kernels take); written as
+    # a product so that the loads' alignment is known (16-byte vectors)
+    off0 = (off0 >> 4) * 16
+    # the queries (rows ``qrows`` [M]) in 4 parts, transposed: loaded here rather than kept live across the
+    # caller's loop (they would pin registers)
+    q0, q1, q2, q3 = _load_q4(q_ptr, qrows, rmask, ks_ptr, h, qk_scale, D, HAS_KS)
+    qscale = 1.0
+    if CT == tl.float16:  # noqa: SIM300
+        qmax = tl.max(
+            tl.max(tl.maximum(tl.maximum(tl.abs(q0), tl.abs(q1)), tl.maximum(tl.abs(q2), tl.abs(q3))), 1), 0
+        )
+        qscale = tl.math.exp2(tl.maximum(tl.ceil(tl.math.log2(tl.maximum(qmax, 1e-30))) - 14.0, 0.0))
+    q0 = (q0 / qscale).to(CT)
+    q1 = (q1 / qscale).to(CT)
+    q2 = (q2 / qscale).to(CT)
+    q3 = (q3 / qscale).to(CT)
+    qsum = tl.sum(q0.to(tl.float32) + q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32), axis=1)
+    qt0 = tl.trans(q0)
+    qt1 = tl.trans(q1)
+    qt2 = tl.trans(q2)
+    qt3 = tl.trans(q3)
     j = tl.arange(0, BLOCK_N)
-    wk = tl.arange(0, KW)
-    wv = tl.arange(0, VW)
-    # tokens of this row that lie in the body, as a bound on the chunk-local index of the last chunk
+    i = tl.arange(0, D // 4)
+    lt = tl.zeros([BLOCK_N, acc0.shape[0]], tl.float32)
+    zt = tl.zeros([BLOCK_N, acc0.shape[0]], tl.float32)
     for t in range(c_begin * TPC, c_end * TPC):
         ci = t // TPC
         n = (t % TPC) * BLOCK_N + j
-        nm = (n < NW) & (N_SINK + ci * NW + n < length)
-        w0 = tl.load(table + ci * 3) // 4
-        r = h * NW + n
-        kw = tl.load(a32r + (w0 + r * KW)[:, None] + wk[None, :], mask=nm[:, None], other=0)
-        ks = tl.load(afr + w0 + META + r, mask=nm, other=0.0)
-        kz = tl.load(afr + w0 + META + PART + r, mask=nm, other=0.0)
-        vw = tl.load(a32r + (w0 + VOFF + r * VW)[:, None] + wv[None, :], mask=nm[:, None], other=0)
-        vs = tl.load(afr + w0 + META + 2 * PART + r, mask=nm, other=0.0)
-        vz = tl.load(afr + w0 + META + 3 * PART + r, mask=nm, other=0.0)
-        kc = _unpack(kw, KB, BLOCK_N, D, DT)
-        qc = tl.dot(qd, tl.trans(kc), input_precision=PREC)
-        s = qc * ks[None, :] - qsum[:, None] * kz[None, :]
-        s = tl.where(nm[None, :], s, float("-inf"))
-        p, alpha, m_i, l_i = _online(s, m_i, l_i)
-        vc = _unpack(vw, VB, BLOCK_N, D, DT)
-        pv = (p * vs[None, :]).to(DT)
-        acc = acc * alpha[:, None] + tl.dot(pv, vc, input_precision=PREC)
-        acc -= tl.sum(p * vz[None, :], axis=1)[:, None]
-    return m_i, l_i, acc
+        nm = (n < CAP) & (tok0 + ci * CAP + n < length)
+        off = off0 + (ci - c_begin) * RB
+        r = h * CAP + n
+        mb = tl.multiple_of((off + MOFF) // 4, 4) + r
+        ks = tl.load(afr + mb, mask=nm, other=0.0)[:, None] * qscale
+        kz = tl.load(afr + mb + PART, mask=nm, other=0.0)[:, None] * qscale
+        vs = tl.load(afr + mb + 2 * PART, mask=nm, other=0.0)[:, None]
+        vz = tl.load(afr + mb + 3 * PART, mask=nm, other=0.0)[:, None]
+        kw = _words(a8r, a16r, a32r, off, r, i, nm, KB, D)
+        vw = _words(a8r, a16r, a32r, off + VOFF, r, i, nm, VB, D)
+        s = tl.dot(_code(kw, 0, KB, CT), qt0, input_precision=PREC)
+        s = tl.dot(_code(kw, 1, KB, CT), qt1, s, input_precision=PREC)
+        s = tl.dot(_code(kw, 2, KB, CT), qt2, s, input_precision=PREC)
+        s = tl.dot(_code(kw, 3, KB, CT), qt3, s, input_precision=PREC)
+        s = tl.where(nm[:, None], s * ks - kz * qsum[None, :], float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[None, :])
+        l_i = l_i * alpha
+        lt = lt * alpha[None, :] + p
+        zt = zt * alpha[None, :] + p * vz
+        m_i = m_new
+        pv = tl.trans(p * vs).to(CT)
+        acc0 = acc0 * alpha[:, None] + tl.dot(pv, _code(vw, 0, VB, CT), input_precision=PREC)
+        acc1 = acc1 * alpha[:, None] + tl.dot(pv, _code(vw, 1, VB, CT), input_precision=PREC)
+        acc2 = acc2 * alpha[:, None] + tl.dot(pv, _code(vw, 2, VB, CT), input_precision=PREC)
+        acc3 = acc3 * alpha[:, None] + tl.dot(pv, _code(vw, 3, VB, CT), input_precision=PREC)
+    l_i += tl.sum(lt, axis=0)
+    z = tl.sum(zt, axis=0)[:, None]
+    return m_i, l_i, acc0 - z, acc1 - z, acc2 - z, acc3 - z
 
 
 @triton.jit
-def _attend_generic(
-    qd,
-    m_i,
-    l_i,
-    acc,
-    a32r,
-    afr,
-    off,
-    cap,
-    kb,
-    vb,
-    n_valid,
-    h,
-    HKV: tl.constexpr,
-    D: tl.constexpr,
-    GS: tl.constexpr,
-    G: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DT: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """Any region (run-time bits 2..16, any group count): per-element dequantization in float32. Used for
-    the sink, the window, 16-bit chunks, chunks with key bits != value bits, and several groups per head."""
-    d = tl.arange(0, D)
-    PART = HKV * cap * G
-    mb = (off + HKV * cap * (D * (kb + vb) // 8)) // 4
-    kwd = (d * kb) >> 5
-    ksh = (d * kb) & 31
-    kmask = (1 << kb) - 1
-    vwd = (d * vb) >> 5
-    vsh = (d * vb) & 31
-    vmask = (1 << vb) - 1
-    k0 = off // 4
-    v0 = (off + HKV * cap * (D * kb // 8)) // 4
-    for n0 in range(0, n_valid, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        nm = n < n_valid
-        r = h * cap + n
-        kw = tl.load(a32r + (k0 + r * (D * kb // 32))[:, None] + kwd[None, :], mask=nm[:, None], other=0)
-        kc = ((kw >> ksh[None, :]) & kmask).to(tl.float32)
-        if G == 1:
-            ks = tl.load(afr + mb + r, mask=nm, other=0.0)[:, None]
-            kz = tl.load(afr + mb + PART + r, mask=nm, other=0.0)[:, None]
-        else:
-            gidx = r[:, None] * G + (d // GS)[None, :]
-            ks = tl.load(afr + mb + gidx, mask=nm[:, None], other=0.0)
-            kz = tl.load(afr + mb + PART + gidx, mask=nm[:, None], other=0.0)
-        s = tl.dot(qd, tl.trans((kc * ks - kz).to(DT)), input_precision=PREC)
-        s = tl.where(nm[None, :], s, float("-inf"))
-        p, alpha, m_i, l_i = _online(s, m_i, l_i)
-        vw = tl.load(a32r + (v0 + r * (D * vb // 32))[:, None] + vwd[None, :], mask=nm[:, None], other=0)
-        vc = ((vw >> vsh[None, :]) & vmask).to(tl.float32)
-        if G == 1:
-            vs = tl.load(afr + mb + 2 * PART + r, mask=nm, other=0.0)[:, None]
-            vz = tl.load(afr + mb + 3 * PART + r, mask=nm, other=0.0)[:, None]
-        else:
-            gidx = r[:, None] * G + (d // GS)[None, :]
-            vs = tl.load(afr + mb + 2 * PART + gidx, mask=nm[:, None], other=0.0)
-            vz = tl.load(afr + mb + 3 * PART + gidx, mask=nm[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DT), (vc * vs - vz).to(DT), input_precision=PREC)
-    return m_i, l_i, acc
+def _store_partial(part_acc, part_ml, prow, rmask, m_i, l_i, acc0, acc1, acc2, acc3, D: tl.constexpr):
+    """One partial slot (rows ``prow`` [M]): the 4-part accumulator in natural column order, then (m, l)."""
+    i = tl.arange(0, D // 4)
+    pa = part_acc + prow[:, None] * D + 4 * i[None, :]
+    m = rmask[:, None]
+    tl.store(pa + 0, acc0, mask=m)
+    tl.store(pa + 1, acc1, mask=m)
+    tl.store(pa + 2, acc2, mask=m)
+    tl.store(pa + 3, acc3, mask=m)
+    tl.store(part_ml + prow * 2, m_i, mask=rmask)
+    tl.store(part_ml + prow * 2 + 1, l_i, mask=rmask)
 
 
 @triton.jit
-def _split_kernel(
+def _body_kernel(
     q_ptr,
+    a8,
+    a16,
     a32,
     af,
     table,
@@ -226,25 +223,26 @@ def _split_kernel(
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     D: tl.constexpr,
-    GS: tl.constexpr,
-    G: tl.constexpr,
     N_SINK: tl.constexpr,
     NW: tl.constexpr,
-    SB: tl.constexpr,
-    WB: tl.constexpr,
-    WIN_OFF: tl.constexpr,
+    KB: tl.constexpr,
+    VB: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    SLOT0: tl.constexpr,
+    SLOTS: tl.constexpr,
+    TB: tl.constexpr,
     HAS_KS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_NG: tl.constexpr,
-    DT: tl.constexpr,
+    CT: tl.constexpr,
     PREC: tl.constexpr,
-    ONLY: tl.constexpr,
-    FAST_MASK: tl.constexpr,
-    SLOT0: tl.constexpr,
-    SLOTS: tl.constexpr,
 ):
+    """The body chunks at (KB, VB) bits of one (row, KV head), divided evenly over ``NUM_SPLITS`` programs.
+
+    The chunks of this pair are found in the table (``TB`` >= its rows, one vector load): their span
+    ``[lo, hi)`` among the chunks holding tokens of the row is split, and chunks of other pairs inside it
+    are masked tile by tile. A body written by the cache is uniform (one pair), so every launch but one
+    finds nothing and stores only (m, l) = (-inf, 0)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -252,111 +250,62 @@ def _split_kernel(
     mrow = tl.arange(0, BLOCK_M)
     rmask = mrow < GQ
     heads = h * GQ + mrow
-    d = tl.arange(0, D)
-    qp = q_ptr + (b * HQ + heads).to(tl.int64)[:, None] * D + d[None, :]
-    q = tl.load(qp, mask=rmask[:, None], other=0.0).to(tl.float32) * qk_scale
-    if HAS_KS:
-        q = q * tl.load(ks_ptr + h * (D // 2) + d % (D // 2))[None, :]
-    qd = q.to(DT)
-    qsum = tl.sum(qd.to(tl.float32), axis=1)
     n_chunks = tl.load(state + 2)
     length = tl.load(lengths + b)
-    # segments: 0 = sink, 1..n_chunks = body chunks, n_chunks + 1 = window; split evenly over the splits
-    n_seg = n_chunks + 2
-    per = (n_seg + NUM_SPLITS - 1) // NUM_SPLITS
-    s_begin = split * per
-    s_end = tl.minimum(s_begin + per, n_seg)
-    # body chunks holding no token of this row are skipped
     last_chunk = tl.minimum((tl.maximum(length - N_SINK, 0) + NW - 1) // NW, n_chunks)
+    idx = tl.arange(0, TB)
+    inr = idx < last_chunk
+    tk = tl.load(table + idx * 3 + 1, mask=inr, other=0)
+    tv = tl.load(table + idx * 3 + 2, mask=inr, other=0)
+    match = inr & (tk == KB) & (tv == VB)
+    lo = tl.min(tl.where(match, idx, TB), axis=0)
+    hi = tl.max(tl.where(match, idx + 1, 0), axis=0)
+    per = (tl.maximum(hi - lo, 0) + NUM_SPLITS - 1) // NUM_SPLITS
+    c0 = lo + split * per
+    c1 = tl.minimum(c0 + per, hi)
+    # the cache writes chunks back to back, so a span of one pair is one region array: one pipelined loop
+    # over all its tiles; otherwise (a hand-made table) chunk by chunk, skipping other pairs
+    RB: tl.constexpr = NW * HKV * (D * (KB + VB) // 8 + 16)
+    to = tl.load(table + idx * 3, mask=inr, other=0)
+    off_lo = tl.sum(tl.where(idx == lo, to, 0), axis=0)
+    span = (idx >= lo) & (idx < hi)
+    bad = span & ((match == 0) | (to != off_lo + (idx - lo) * RB))
+    packed = tl.max(bad.to(tl.int32), axis=0) == 0
+    prow = ((b * HQ + heads) * SLOTS + SLOT0 + split).to(tl.int64)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    row0 = b.to(tl.int64) * ROW_BYTES
-    a32r = a32 + row0 // 4
-    afr = af + row0 // 4
-    s = s_begin
-    while s < s_end:
-        off, cap, kb, vb, n_valid = segment_of(s, n_chunks, length, table, N_SINK, NW, SB, WB, WIN_OFF)
-        is_chunk = (s >= 1) & (s <= n_chunks)
-        # specialised (branch-free, affine) loops exist for the bit pairs (2,2), (4,4), (8,8), (8,4), (4,2)
-        # of one-group-per-head chunks; FAST_MASK (bit 4 * log2(kb / 2) + log2(vb / 2)) says which of them
-        # this launch treats as fast, the rest (sink, window, 16 bits, ...) runs generically
-        pair = kb * 16 + vb
-        ki = (kb == 4).to(tl.int32) + 2 * (kb == 8).to(tl.int32) + 3 * (kb == 16).to(tl.int32)
-        vi = (vb == 4).to(tl.int32) + 2 * (vb == 8).to(tl.int32) + 3 * (vb == 16).to(tl.int32)
-        fast = is_chunk & (((tl.full([], FAST_MASK, tl.int32) >> (ki * 4 + vi)) & 1) == 1)
-        if ONLY == 0:
-            mine = fast
-        elif ONLY == 1:
-            mine = fast == 0
-        else:
-            mine = fast & (pair == ONLY)
-        # a run of chunks of one bit pair, clipped to the split and to the row's length
-        e = s + 1
-        if ONLY != 1:  # noqa: SIM102 (a static if around a run-time one)
-            if mine:
-                run_end = tl.minimum(s_end, last_chunk + 1)
-                go = e < run_end
-                while go:
-                    nkb = tl.load(table + (e - 1) * 3 + 1)
-                    nvb = tl.load(table + (e - 1) * 3 + 2)
-                    same = (nkb == kb) & (nvb == vb)
-                    e = tl.where(same, e + 1, e)
-                    go = same & (e < run_end)
-                e = tl.maximum(e, s + 1)
-        if ONLY == 0:
-            if fast & (pair == 68):
-                m_i, l_i, acc = _attend_run(
-                    qd, qsum, m_i, l_i, acc, a32r, afr, table, s - 1, e - 1, length, h,
-                    HKV, D, N_SINK, NW, 4, 4, BLOCK_N, DT, PREC,
-                )  # fmt: skip
-            elif fast & (pair == 34):
-                m_i, l_i, acc = _attend_run(
-                    qd, qsum, m_i, l_i, acc, a32r, afr, table, s - 1, e - 1, length, h,
-                    HKV, D, N_SINK, NW, 2, 2, BLOCK_N, DT, PREC,
-                )  # fmt: skip
-            elif fast & (pair == 136):
-                m_i, l_i, acc = _attend_run(
-                    qd, qsum, m_i, l_i, acc, a32r, afr, table, s - 1, e - 1, length, h,
-                    HKV, D, N_SINK, NW, 8, 8, BLOCK_N, DT, PREC,
-                )  # fmt: skip
-            elif fast & (pair == 132):
-                m_i, l_i, acc = _attend_run(
-                    qd, qsum, m_i, l_i, acc, a32r, afr, table, s - 1, e - 1, length, h,
-                    HKV, D, N_SINK, NW, 8, 4, BLOCK_N, DT, PREC,
-                )  # fmt: skip
-            elif fast & (pair == 66):
-                m_i, l_i, acc = _attend_run(
-                    qd, qsum, m_i, l_i, acc, a32r, afr, table, s - 1, e - 1, length, h,
-                    HKV, D, N_SINK, NW, 4, 2, BLOCK_N, DT, PREC,
-                )  # fmt: skip
+    if c0 < c1:
+        acc0 = tl.zeros([BLOCK_M, D // 4], tl.float32)
+        acc1 = tl.zeros([BLOCK_M, D // 4], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, D // 4], tl.float32)
+        acc3 = tl.zeros([BLOCK_M, D // 4], tl.float32)
+        row0 = b.to(tl.int64) * ROW_BYTES
+        c = c0
+        while c < c1:
+            if packed:
+                c_next = c1
+                off = off_lo + (c - lo) * RB
+                mine = True
             else:
-                m_i, l_i, acc = _attend_generic(
-                    qd, m_i, l_i, acc, a32r, afr, off, cap, kb, vb, n_valid, h,
-                    HKV, D, GS, G, BLOCK_NG, DT, PREC,
-                )  # fmt: skip
-        elif ONLY == 1:
+                c_next = c + 1
+                off = tl.load(table + c * 3)
+                mine = (tl.load(table + c * 3 + 1) == KB) & (tl.load(table + c * 3 + 2) == VB)
             if mine:
-                m_i, l_i, acc = _attend_generic(
-                    qd, m_i, l_i, acc, a32r, afr, off, cap, kb, vb, n_valid, h,
-                    HKV, D, GS, G, BLOCK_NG, DT, PREC,
+                m_i, l_i, acc0, acc1, acc2, acc3 = _tile_loop(
+                    q_ptr, b * HQ + heads, rmask, ks_ptr, qk_scale, m_i, l_i, acc0, acc1, acc2, acc3,
+                    a8 + row0, a16 + row0 // 2, a32 + row0 // 4, af + row0 // 4, off, c, c_next, N_SINK,
+                    length, h, KB, VB, NW, HKV, D, HAS_KS, BLOCK_N, CT, PREC,
                 )  # fmt: skip
-        else:
-            if mine:
-                m_i, l_i, acc = _attend_run(
-                    qd, qsum, m_i, l_i, acc, a32r, afr, table, s - 1, e - 1, length, h,
-                    HKV, D, N_SINK, NW, ONLY // 16, ONLY % 16, BLOCK_N, DT, PREC,
-                )  # fmt: skip
-        s = e
-    prow = ((b * HQ + heads) * SLOTS + SLOT0 + split).to(tl.int64)
-    tl.store(part_acc + prow[:, None] * D + d[None, :], acc, mask=rmask[:, None])
-    tl.store(part_ml + prow * 2, m_i, mask=rmask)
-    tl.store(part_ml + prow * 2 + 1, l_i, mask=rmask)
+            c = c_next
+        _store_partial(part_acc, part_ml, prow, rmask, m_i, l_i, acc0, acc1, acc2, acc3, D)
+    else:
+        # nothing here: the merge skips slots with l == 0 without reading their accumulators
+        tl.store(part_ml + prow * 2, m_i, mask=rmask)
+        tl.store(part_ml + prow * 2 + 1, l_i, mask=rmask)
 
 
-# the previous kernel (4-part codes, run-time bits per tile), kept as mode "legacy" for comparison
 @triton.jit
-def _split_kernel_4part(
+def _edge_kernel(
     q_ptr,
     a8,
     a16,
@@ -381,12 +330,22 @@ def _split_kernel_4part(
     WB: tl.constexpr,
     WIN_OFF: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    SLOT0: tl.constexpr,
+    SLOTS: tl.constexpr,
+    RUNB: tl.constexpr,
+    WPER: tl.constexpr,
+    FAST_MASK: tl.constexpr,
     HAS_KS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DT: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    """Everything :func:`_body_kernel` launches leave: the sink, the window and body chunks whose bit pair is
+    not in ``FAST_MASK`` (16-bit chunks, pairs outside the layout's schedule, several groups per head), with
+    per-element dequantization at run-time bits. The segments (0 = sink, 1..n_chunks) are split evenly; a
+    program picks its own from one vector load of the table. The window is cut into slices of ``WPER``
+    tokens, one per program."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -394,17 +353,21 @@ def _split_kernel_4part(
     mrow = tl.arange(0, BLOCK_M)
     rmask = mrow < GQ
     heads = h * GQ + mrow
-    q0, q1, q2, q3 = _load_q4(q_ptr, b * HQ + heads, rmask, ks_ptr, h, qk_scale, D, HAS_KS)
-    q0 = q0.to(DT)
-    q1 = q1.to(DT)
-    q2 = q2.to(DT)
-    q3 = q3.to(DT)
     n_chunks = tl.load(state + 2)
     length = tl.load(lengths + b)
     n_seg = n_chunks + 2
     per = (n_seg + NUM_SPLITS - 1) // NUM_SPLITS
     s_begin = split * per
     s_end = tl.minimum(s_begin + per, n_seg)
+    last_chunk = tl.minimum((tl.maximum(length - N_SINK, 0) + NW - 1) // NW, n_chunks)
+    seg = s_begin + tl.arange(0, RUNB)
+    chunk = (seg >= 1) & (seg <= last_chunk) & (seg < s_end)
+    kb = tl.load(table + (seg - 1) * 3 + 1, mask=chunk, other=2)
+    vb = tl.load(table + (seg - 1) * 3 + 2, mask=chunk, other=2)
+    ki = (kb == 4).to(tl.int32) + 2 * (kb == 8).to(tl.int32) + 3 * (kb == 16).to(tl.int32)
+    vi = (vb == 4).to(tl.int32) + 2 * (vb == 8).to(tl.int32) + 3 * (vb == 16).to(tl.int32)
+    fast = ((tl.full([RUNB], FAST_MASK, tl.int32) >> (ki * 4 + vi)) & 1) == 1
+    todo = (seg < s_end) & ((seg == 0) | (chunk & (fast == 0)))
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc0 = tl.zeros([BLOCK_M, D // 4], tl.float32)
@@ -412,23 +375,38 @@ def _split_kernel_4part(
     acc2 = tl.zeros([BLOCK_M, D // 4], tl.float32)
     acc3 = tl.zeros([BLOCK_M, D // 4], tl.float32)
     row0 = b.to(tl.int64) * ROW_BYTES
-    for s in range(s_begin, s_end):
-        off, cap, kb, vb, n_valid = segment_of(s, n_chunks, length, table, N_SINK, NW, SB, WB, WIN_OFF)
+    a8r = a8 + row0
+    a16r = a16 + row0 // 2
+    a32r = a32 + row0 // 4
+    afr = af + row0 // 4
+    BIG: tl.constexpr = 1 << 30
+    s = tl.min(tl.where(todo, seg, BIG), axis=0)
+    if s < BIG:
+        q0, q1, q2, q3 = _load_q4(q_ptr, b * HQ + heads, rmask, ks_ptr, h, qk_scale, D, HAS_KS)
+        q0 = q0.to(DT)
+        q1 = q1.to(DT)
+        q2 = q2.to(DT)
+        q3 = q3.to(DT)
+        while s < BIG:
+            off, cap, skb, svb, n_valid = segment_of(s, n_chunks, length, table, N_SINK, NW, SB, WB, WIN_OFF)
+            m_i, l_i, acc0, acc1, acc2, acc3 = attend_segment(
+                q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+                a8r, a16r, a32r, afr, off, cap, skb, svb, 0, n_valid, h,
+                HKV, D, GS, G, BLOCK_N, DT, PREC,
+            )  # fmt: skip
+            s = tl.min(tl.where(todo & (seg > s), seg, BIG), axis=0)
+    # the window, in slices of WPER tokens over the programs (one program would take its tiles in turn)
+    w_begin = split * WPER
+    w_end = tl.minimum(w_begin + WPER, tl.minimum(tl.maximum(length - N_SINK - n_chunks * NW, 0), NW))
+    if w_begin < w_end:
+        w0, w1, w2, w3 = _load_q4(q_ptr, b * HQ + heads, rmask, ks_ptr, h, qk_scale, D, HAS_KS)
         m_i, l_i, acc0, acc1, acc2, acc3 = attend_segment(
-            q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
-            a8 + row0, a16 + row0 // 2, a32 + row0 // 4, af + row0 // 4, off, cap, kb, vb, n_valid, h,
+            w0.to(DT), w1.to(DT), w2.to(DT), w3.to(DT), m_i, l_i, acc0, acc1, acc2, acc3,
+            a8r, a16r, a32r, afr, WIN_OFF, NW, WB, WB, w_begin, w_end, h,
             HKV, D, GS, G, BLOCK_N, DT, PREC,
         )  # fmt: skip
-    i = tl.arange(0, D // 4)
-    prow = ((b * HQ + heads) * NUM_SPLITS + split).to(tl.int64)
-    pa = part_acc + prow[:, None] * D + 4 * i[None, :]
-    m = rmask[:, None]
-    tl.store(pa + 0, acc0, mask=m)
-    tl.store(pa + 1, acc1, mask=m)
-    tl.store(pa + 2, acc2, mask=m)
-    tl.store(pa + 3, acc3, mask=m)
-    tl.store(part_ml + prow * 2, m_i, mask=rmask)
-    tl.store(part_ml + prow * 2 + 1, l_i, mask=rmask)
+    prow = ((b * HQ + heads) * SLOTS + SLOT0 + split).to(tl.int64)
+    _store_partial(part_acc, part_ml, prow, rmask, m_i, l_i, acc0, acc1, acc2, acc3, D)
 
 
 @triton.jit
@@ -478,8 +456,10 @@ def _merge_kernel(
         smask = sp < NUM_SPLITS
         ms = tl.load(part_ml + (base + sp) * 2, mask=smask, other=float("-inf"))
         ls = tl.load(part_ml + (base + sp) * 2 + 1, mask=smask, other=0.0)
-        w = tl.where(smask, tl.math.exp2(ms - mx), 0.0)
-        acc = tl.load(part_acc + (base + sp)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+        w = tl.where(smask & (ls > 0.0), tl.math.exp2(ms - mx), 0.0)
+        # a slot with nothing in it stored only (m, l) = (-inf, 0): its accumulator is not read
+        used = smask & (ls > 0.0)
+        acc = tl.load(part_acc + (base + sp)[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
         num += tl.sum(acc * w[:, None], axis=0)
         den += tl.sum(ls * w, axis=0)
     for t0 in range(0, T, BLOCK_T):
@@ -503,8 +483,9 @@ _DT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_segments: int, sm_count: int = 132) -> int:
-    """Splits so that about four programs run per multiprocessor, from static shapes only."""
-    want = max(1, (4 * sm_count) // max(batch * num_kv_heads, 1))
+    """Splits so that about two body programs run per multiprocessor, from static shapes only (measured on
+    an H200: B8 x 32k takes 8 splits, B1 x 32k 64; four per multiprocessor was slower)."""
+    want = max(1, (2 * sm_count) // max(batch * num_kv_heads, 1))
     return int(max(1, min(want, max_segments, 128)))
 
 
@@ -547,30 +528,23 @@ def check_attention_args(
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
 
 
-_FAST_PAIRS = ((4, 4), (2, 2), (8, 8), (8, 4), (4, 2))
-DEFAULT_MODE = "legacy"
-
-
 def _pair_bit(kb: int, vb: int) -> int:
     return 1 << (4 * (kb.bit_length() - 2) + vb.bit_length() - 2)
 
 
-def _launches(lay: ArenaLayout, mode: str) -> list[tuple[int, int]]:
-    """``(ONLY, FAST_MASK)`` of each ``_split_kernel`` launch. ``fused``: one launch that branches per run of
-    chunks at run time. ``split``: one launch per fast bit pair the layout's ERS schedule can produce (static:
-    from ``init_bits`` down to the plan's bits), each compiled for its pair alone (fewer registers), plus one
-    for everything else (sink, window, other pairs); all grids are fixed and their partials are merged."""
+def fast_pairs(lay: ArenaLayout) -> list[tuple[int, int]]:
+    """Bit pairs that get a :func:`_body_kernel` launch: every pair of the layout's ERS schedule (from
+    ``init_bits`` down to the plan's bits, so static: one compiled set serves every step) with both bits
+    <= 8 (the affine form). 16-bit chunks, other pairs, and layouts with several groups per head go through
+    :func:`_edge_kernel`."""
     if lay.groups != 1:
-        return [(1, 0)]
-    if mode == "fused":
-        return [(0, sum(_pair_bit(*p) for p in _FAST_PAIRS))]
-    chain, kv = [], (lay.init_bits, lay.init_bits)
+        return []
+    pairs, kv = [], (lay.init_bits, lay.init_bits)
     while kv is not None:
-        chain.append(kv)
+        if max(kv) <= 8:
+            pairs.append(kv)
         kv = next_body_bits(*kv, (lay.key_bits, lay.value_bits))
-    pairs = [p for p in _FAST_PAIRS if p in chain]
-    mask = sum(_pair_bit(*p) for p in pairs)
-    return [(kb * 16 + vb, mask) for kb, vb in pairs] + [(1, mask)]
+    return pairs
 
 
 def decode_attention(
@@ -585,8 +559,14 @@ def decode_attention(
     layout: list[int],
     sm_scale: float,
     num_splits: int,
+    *,
+    pairs: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
-    """Triton launcher with :func:`pmkvq_compile.kernels.reference.decode_attention`'s signature."""
+    """Triton launcher with :func:`pmkvq_compile.kernels.reference.decode_attention`'s signature.
+
+    Launches one :func:`_body_kernel` per pair of :func:`fast_pairs` (``pairs`` overrides it: tests cover
+    pairs outside a layout's schedule, and ``[]`` sends everything through the edge kernel), one
+    :func:`_edge_kernel`, and :func:`_merge_kernel`, each over a grid fixed by static shapes."""
     lay = ArenaLayout.from_list(layout)
     check_layout_tensors(lay, arena, state, table)
     check_attention_args(q, k_new, v_new, lengths, key_scale, lay, arena, 3)
@@ -606,35 +586,35 @@ def decode_attention(
     native = not interp or os.environ.get("PMKVQ_INTERPRET_NATIVE_DT") == "1"  # tests: fp16 tiles on the CPU
     dt = tl.float32 if (not native or q.dtype == torch.float32) else _DT[q.dtype]
     prec = "ieee" if dt == tl.float32 else "tf32"
-    a32 = arena.view(torch.int32)
-    # tuning knobs (benchmarks sweep them): "BLOCK_N,num_warps,num_stages", and the launch mode
+    # tuning knobs (benchmarks sweep them): "BLOCK_N,num_warps,num_stages" of the body launches
     cfg = os.environ.get("PMKVQ_DECODE_CFG", "")
-    block_n, warps, stages = (int(x) for x in cfg.split(",")) if cfg else (64 if d <= 128 else 32, 4, 2)
-    mode = os.environ.get("PMKVQ_DECODE_MODE", DEFAULT_MODE)
-    launches = [] if mode == "legacy" else _launches(lay, mode)
-    slots = max(len(launches), 1) * num_splits
+    block_n, warps, stages = (int(x) for x in cfg.split(",")) if cfg else (64, 4, 3)
+    if pairs is None:
+        pairs = fast_pairs(lay) if lay.groups == 1 else []
+    slots = (len(pairs) + 1) * num_splits
     part_acc = torch.empty(b, hq, slots, d, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(b, hq, slots, 2, dtype=torch.float32, device=q.device)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-    for i, (only, fast_mask) in enumerate(launches):
-        _split_kernel[(b, hkv, num_splits)](
-            q, a32, arena.view(torch.float32), table, state, lengths, ks,
-            part_acc, part_ml, arena.shape[1], qk_scale,
-            HQ=hq, HKV=hkv, D=d, GS=lay.group_size, G=lay.groups, N_SINK=lay.n_sink, NW=lay.n_window,
-            SB=lay.sink_bits, WB=lay.window_bits, WIN_OFF=lay.window_offset, NUM_SPLITS=num_splits,
-            HAS_KS=has_ks, BLOCK_M=max(16, triton.next_power_of_2(gq)), BLOCK_N=block_n, BLOCK_NG=16,
-            DT=dt, PREC=prec, ONLY=only, FAST_MASK=fast_mask, SLOT0=i * num_splits, SLOTS=slots,
-            num_warps=warps, num_stages=stages,
+    views = (q, arena, arena.view(torch.int16), arena.view(torch.int32), arena.view(torch.float32), table, state,
+             lengths, ks, part_acc, part_ml, arena.shape[1], qk_scale)  # fmt: skip
+    block_m = max(16, triton.next_power_of_2(gq))
+    for k, (kb, vb) in enumerate(pairs):
+        _body_kernel[(b, hkv, num_splits)](
+            *views, HQ=hq, HKV=hkv, D=d, N_SINK=lay.n_sink, NW=lay.n_window, KB=kb, VB=vb,
+            NUM_SPLITS=num_splits, SLOT0=k * num_splits, SLOTS=slots,
+            TB=max(16, triton.next_power_of_2(lay.max_chunks)), HAS_KS=has_ks, BLOCK_M=block_m,
+            BLOCK_N=block_n, CT=tl.float32 if dt == tl.float32 else tl.float16, PREC=prec, num_warps=warps,
+            num_stages=stages,
         )  # fmt: skip
-    if mode == "legacy":
-        _split_kernel_4part[(b, hkv, num_splits)](
-            q, arena, arena.view(torch.int16), a32, arena.view(torch.float32), table, state, lengths, ks,
-            part_acc, part_ml, arena.shape[1], qk_scale,
-            HQ=hq, HKV=hkv, D=d, GS=lay.group_size, G=lay.groups, N_SINK=lay.n_sink, NW=lay.n_window,
-            SB=lay.sink_bits, WB=lay.window_bits, WIN_OFF=lay.window_offset, NUM_SPLITS=num_splits,
-            HAS_KS=has_ks, BLOCK_M=max(16, triton.next_power_of_2(gq)), BLOCK_N=block_n,
-            DT=dt, PREC=prec, num_warps=warps, num_stages=stages,
-        )  # fmt: skip
+    per = -(-(lay.max_chunks + 2) // num_splits)
+    _edge_kernel[(b, hkv, num_splits)](
+        *views, HQ=hq, HKV=hkv, D=d, GS=lay.group_size, G=lay.groups, N_SINK=lay.n_sink, NW=lay.n_window,
+        SB=lay.sink_bits, WB=lay.window_bits, WIN_OFF=lay.window_offset, NUM_SPLITS=num_splits,
+        SLOT0=len(pairs) * num_splits, SLOTS=slots, RUNB=max(16, triton.next_power_of_2(per)),
+        WPER=16 * -(-lay.n_window // (16 * num_splits)),
+        FAST_MASK=sum(_pair_bit(*p) for p in pairs), HAS_KS=has_ks, BLOCK_M=block_m, BLOCK_N=16,
+        DT=dt, PREC=prec, num_warps=4, num_stages=2,
+    )  # fmt: skip
     _merge_kernel[(b, hq)](
         q, k_new, v_new, part_acc, part_ml, out, t, qk_scale,
         HQ=hq, HKV=hkv, D=d, NUM_SPLITS=slots, SPLIT_P2=min(128, triton.next_power_of_2(slots)),

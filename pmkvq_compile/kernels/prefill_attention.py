@@ -74,7 +74,7 @@ def _prefill_kernel(
         off, cap, kb, vb, n_valid = segment_of(s, n_chunks, length, table, N_SINK, NW, SB, WB, WIN_OFF)
         m_i, l_i, acc0, acc1, acc2, acc3 = attend_segment(
             q0.to(DT), q1.to(DT), q2.to(DT), q3.to(DT), m_i, l_i, acc0, acc1, acc2, acc3,
-            a8 + row0, a16 + row0 // 2, a32 + row0 // 4, af + row0 // 4, off, cap, kb, vb, n_valid, h,
+            a8 + row0, a16 + row0 // 2, a32 + row0 // 4, af + row0 // 4, off, cap, kb, vb, 0, n_valid, h,
             HKV, D, GS, G, BLOCK_N, DT, PREC,
         )  # fmt: skip
     # the new tokens, causal, full precision (no key scale on either side)

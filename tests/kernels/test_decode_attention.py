@@ -55,25 +55,27 @@ def test_decode_rejects_bad_lengths() -> None:
 
 
 @pytest.mark.parametrize(
-    "bits,value_bits,max_len,dtype,mode,splits",
+    "bits,value_bits,max_len,dtype,pairs,splits",
     [
-        (8, 8, 60, torch.float16, "split", 4),
-        (4, 2, 60, torch.bfloat16, "split", 1),
-        (8, 4, 50, torch.float16, "split", 3),
-        (2, 2, 60, torch.float32, "split", 4),
-        (8, 8, 120, torch.float16, "split", 2),
-        (4, 4, 60, torch.float16, "fused", 4),
-        (8, 4, 50, torch.float32, "fused", 1),
+        (8, 8, 60, torch.float16, None, 4),
+        (4, 2, 60, torch.bfloat16, None, 1),
+        (8, 4, 50, torch.float16, None, 3),
+        (2, 2, 60, torch.float32, None, 4),
+        (8, 8, 120, torch.float16, None, 2),
+        (4, 4, 60, torch.float16, [], 4),
+        (8, 4, 50, torch.float32, [], 1),
+        (16, 16, 400, torch.float16, None, 3),
+        (2, 4, 60, torch.bfloat16, [(2, 4), (4, 4)], 2),
     ],
 )
-def test_decode_one_group_per_head(bits, value_bits, max_len, dtype, mode, splits, monkeypatch) -> None:
-    """group == head_dim: the branch-free affine loops (<= 8-bit chunks) and the generic one (16 bits),
-    with rows that end inside the body, in the sink, and with no past at all; both launch modes."""
-    monkeypatch.setenv("PMKVQ_DECODE_MODE", mode)
+def test_decode_one_group_per_head(bits, value_bits, max_len, dtype, pairs, splits) -> None:
+    """group == head_dim: the body launches per bit pair (affine, <= 8 bits) beside the edge kernel (sink,
+    window, 16-bit chunks), and the edge kernel alone (``pairs=[]``), with rows that end inside the body,
+    in the sink, and with no past at all."""
     lay = small_layout(bits=bits, value_bits=value_bits, max_len=max_len, group=64)
     arena, state, table = filled_cache(lay, 4, [17, 12, 12, 6], seed=3)
     nc = int(state[2])
-    pairs = {tuple(r[1:]) for r in table[:nc].tolist()}
+    body = {tuple(r[1:]) for r in table[:nc].tolist()}
     n = int(state[0])
     lengths = torch.tensor([n, n - 17, 1, 0], dtype=torch.int32, device=DEVICE)
     g = torch.Generator().manual_seed(7)
@@ -83,6 +85,8 @@ def test_decode_one_group_per_head(bits, value_bits, max_len, dtype, mode, split
     vn = torch.randn(4, lay.num_kv_heads, 1, lay.head_dim, generator=g).to(DEVICE, dtype)
     args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), 0.125)
     want = ref.decode_attention(*args, splits)
-    got = kernel.decode_attention(*args, splits)
+    got = kernel.decode_attention(*args, splits, pairs=pairs)
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
-    assert pairs, "the cache should hold body chunks"
+    if pairs is None:  # every <= 8-bit chunk went through a body launch, 16-bit ones through the edge kernel
+        assert {p for p in body if max(p) <= 8} <= set(kernel.fast_pairs(lay)), body
+    assert body, "the cache should hold body chunks"
