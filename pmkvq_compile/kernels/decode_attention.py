@@ -586,9 +586,10 @@ def decode_attention(
     native = not interp or os.environ.get("PMKVQ_INTERPRET_NATIVE_DT") == "1"  # tests: fp16 tiles on the CPU
     dt = tl.float32 if (not native or q.dtype == torch.float32) else _DT[q.dtype]
     prec = "ieee" if dt == tl.float32 else "tf32"
-    # tuning knobs (benchmarks sweep them): "BLOCK_N,num_warps,num_stages" of the body launches
-    cfg = os.environ.get("PMKVQ_DECODE_CFG", "")
-    block_n, warps, stages = (int(x) for x in cfg.split(",")) if cfg else (64, 4, 3)
+    # tuning knobs (benchmarks sweep them): "BLOCK_N,num_warps,num_stages[,maxnreg]" of the body launches
+    cfg = [int(x) for x in os.environ.get("PMKVQ_DECODE_CFG", "").split(",") if x]
+    block_n, warps, stages = cfg[:3] if cfg else (64, 4, 3)
+    extra = {"maxnreg": cfg[3]} if len(cfg) > 3 and cfg[3] > 0 else {}  # registers per thread cap
     if pairs is None:
         pairs = fast_pairs(lay) if lay.groups == 1 else []
     slots = (len(pairs) + 1) * num_splits
@@ -604,7 +605,7 @@ def decode_attention(
             NUM_SPLITS=num_splits, SLOT0=k * num_splits, SLOTS=slots,
             TB=max(16, triton.next_power_of_2(lay.max_chunks)), HAS_KS=has_ks, BLOCK_M=block_m,
             BLOCK_N=block_n, CT=tl.float32 if dt == tl.float32 else tl.float16, PREC=prec, num_warps=warps,
-            num_stages=stages,
+            num_stages=stages, **extra,
         )  # fmt: skip
     per = -(-(lay.max_chunks + 2) // num_splits)
     _edge_kernel[(b, hkv, num_splits)](
