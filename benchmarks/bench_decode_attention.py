@@ -148,29 +148,28 @@ def main() -> None:
         f"{'case':<14} {'eager us':>9} {'graph us':>9} {'sdpa us':>8} {'speedup':>8} {'GB/s':>7} {'of copy':>8}  sdpa form"
     )
     sdpa_cache: dict[int, tuple[float, str]] = {}
-    for _ in (0,):
-        for name, batch, chunks in cases:
-            lay, arena, state, table = make_cache(batch, length, chunks)
-            q = torch.randn(batch, HQ, D, dtype=torch.float16, device="cuda")
-            kn = torch.randn(batch, HKV, 1, D, dtype=torch.float16, device="cuda")
-            vn = torch.randn_like(kn)
-            lengths = torch.full((batch,), length, dtype=torch.int32, device="cuda")
-            L = lay.to_list()
-            op_args = (q, kn, vn, arena, state, table, lengths, None, L, D**-0.5, 0)
-            ms = bench_ms(lambda op_args=op_args: ops.decode_attention(*op_args))
-            gms = graph_ms(lambda op_args=op_args: ops.decode_attention(*op_args))
-            if batch not in sdpa_cache:
-                sdpa_cache[batch] = sdpa_ms(batch, length + 1)
-            base, form = sdpa_cache[batch]
-            nbytes = batch * (lay.body_offset + sum(lay.chunk_bytes(kb, vb) for kb, vb in chunks))
-            bw = nbytes / (ms * 1e-3)
-            print(f"{name:<14} {ms * 1e3:>9.1f} {gms * 1e3:>9.1f} {base * 1e3:>8.1f} {base / gms:>7.2f}x "
-                  f"{nbytes / (gms * 1e-3) / 1e9:>7.0f} {nbytes / (gms * 1e-3) / copy_bw:>7.0%}  {form}")  # fmt: skip
-            results["cases"].append(
-                {"case": name, "pmkvq_us": ms * 1e3, "pmkvq_graph_us": gms * 1e3, "sdpa_us": base * 1e3, "speedup": base / ms, "GBps": bw / 1e9,
-                 "sdpa_form": form}
-            )  # fmt: skip
-            del arena
+    for name, batch, chunks in cases:
+        lay, arena, state, table = make_cache(batch, length, chunks)
+        q = torch.randn(batch, HQ, D, dtype=torch.float16, device="cuda")
+        kn = torch.randn(batch, HKV, 1, D, dtype=torch.float16, device="cuda")
+        vn = torch.randn_like(kn)
+        lengths = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+        L = lay.to_list()
+        op_args = (q, kn, vn, arena, state, table, lengths, None, L, D**-0.5, 0)
+        ms = bench_ms(lambda op_args=op_args: ops.decode_attention(*op_args))
+        gms = graph_ms(lambda op_args=op_args: ops.decode_attention(*op_args))
+        if batch not in sdpa_cache:
+            sdpa_cache[batch] = sdpa_ms(batch, length + 1)
+        base, form = sdpa_cache[batch]
+        nbytes = batch * (lay.body_offset + sum(lay.chunk_bytes(kb, vb) for kb, vb in chunks))
+        bw = nbytes / (ms * 1e-3)
+        print(f"{name:<14} {ms * 1e3:>9.1f} {gms * 1e3:>9.1f} {base * 1e3:>8.1f} {base / gms:>7.2f}x "
+              f"{nbytes / (gms * 1e-3) / 1e9:>7.0f} {nbytes / (gms * 1e-3) / copy_bw:>7.0%}  {form}")  # fmt: skip
+        results["cases"].append(
+            {"case": name, "pmkvq_us": ms * 1e3, "pmkvq_graph_us": gms * 1e3, "sdpa_us": base * 1e3, "speedup": base / ms, "GBps": bw / 1e9,
+             "sdpa_form": form}
+        )  # fmt: skip
+        del arena
     for kern in (dk._body_kernel, dk._edge_kernel, dk._merge_kernel):
         for cache in getattr(kern, "device_caches", {}).values():
             for ck in cache[0].values():

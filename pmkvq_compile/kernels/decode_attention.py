@@ -201,6 +201,12 @@ def _store_partial(part_acc, part_ml, prow, rmask, m_i, l_i, acc0, acc1, acc2, a
     tl.store(pa + 1, acc1, mask=m)
     tl.store(pa + 2, acc2, mask=m)
     tl.store(pa + 3, acc3, mask=m)
+    _store_ml(part_ml, prow, rmask, m_i, l_i)
+
+
+@triton.jit
+def _store_ml(part_ml, prow, rmask, m_i, l_i):
+    """The (m, l) pair of a partial slot (rows ``prow`` [M])."""
     tl.store(part_ml + prow * 2, m_i, mask=rmask)
     tl.store(part_ml + prow * 2 + 1, l_i, mask=rmask)
 
@@ -300,8 +306,7 @@ def _body_kernel(
         _store_partial(part_acc, part_ml, prow, rmask, m_i, l_i, acc0, acc1, acc2, acc3, D)
     else:
         # nothing here: the merge skips slots with l == 0 without reading their accumulators
-        tl.store(part_ml + prow * 2, m_i, mask=rmask)
-        tl.store(part_ml + prow * 2 + 1, l_i, mask=rmask)
+        _store_ml(part_ml, prow, rmask, m_i, l_i)
 
 
 @triton.jit
@@ -381,27 +386,28 @@ def _edge_kernel(
     afr = af + row0 // 4
     BIG: tl.constexpr = 1 << 30
     s = tl.min(tl.where(todo, seg, BIG), axis=0)
-    if s < BIG:
-        q0, q1, q2, q3 = _load_q4(q_ptr, b * HQ + heads, rmask, ks_ptr, h, qk_scale, D, HAS_KS)
-        q0 = q0.to(DT)
-        q1 = q1.to(DT)
-        q2 = q2.to(DT)
-        q3 = q3.to(DT)
-        while s < BIG:
-            off, cap, skb, svb, n_valid = segment_of(s, n_chunks, length, table, N_SINK, NW, SB, WB, WIN_OFF)
-            m_i, l_i, acc0, acc1, acc2, acc3 = attend_segment(
-                q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
-                a8r, a16r, a32r, afr, off, cap, skb, svb, 0, n_valid, h,
-                HKV, D, GS, G, BLOCK_N, DT, PREC,
-            )  # fmt: skip
-            s = tl.min(tl.where(todo & (seg > s), seg, BIG), axis=0)
     # the window, in slices of WPER tokens over the programs (one program would take its tiles in turn)
     w_begin = split * WPER
     w_end = tl.minimum(w_begin + WPER, tl.minimum(tl.maximum(length - N_SINK - n_chunks * NW, 0), NW))
-    if w_begin < w_end:
-        w0, w1, w2, w3 = _load_q4(q_ptr, b * HQ + heads, rmask, ks_ptr, h, qk_scale, D, HAS_KS)
+    # the queries, read once for both (not at all by a program with nothing to do)
+    busy = (s < BIG) | (w_begin < w_end)
+    qmask = rmask & (busy.to(tl.int32) + 0 * mrow == 1)  # broadcast first (the interpreter needs it)
+    q0, q1, q2, q3 = _load_q4(q_ptr, b * HQ + heads, qmask, ks_ptr, h, qk_scale, D, HAS_KS)
+    q0 = q0.to(DT)
+    q1 = q1.to(DT)
+    q2 = q2.to(DT)
+    q3 = q3.to(DT)
+    while s < BIG:
+        off, cap, skb, svb, n_valid = segment_of(s, n_chunks, length, table, N_SINK, NW, SB, WB, WIN_OFF)
         m_i, l_i, acc0, acc1, acc2, acc3 = attend_segment(
-            w0.to(DT), w1.to(DT), w2.to(DT), w3.to(DT), m_i, l_i, acc0, acc1, acc2, acc3,
+            q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+            a8r, a16r, a32r, afr, off, cap, skb, svb, 0, n_valid, h,
+            HKV, D, GS, G, BLOCK_N, DT, PREC,
+        )  # fmt: skip
+        s = tl.min(tl.where(todo & (seg > s), seg, BIG), axis=0)
+    if w_begin < w_end:
+        m_i, l_i, acc0, acc1, acc2, acc3 = attend_segment(
+            q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
             a8r, a16r, a32r, afr, WIN_OFF, NW, WB, WB, w_begin, w_end, h,
             HKV, D, GS, G, BLOCK_N, DT, PREC,
         )  # fmt: skip
@@ -591,7 +597,7 @@ def decode_attention(
     block_n, warps, stages = cfg[:3] if cfg else (64, 4, 3)
     extra = {"maxnreg": cfg[3]} if len(cfg) > 3 and cfg[3] > 0 else {}  # registers per thread cap
     if pairs is None:
-        pairs = fast_pairs(lay) if lay.groups == 1 else []
+        pairs = fast_pairs(lay)
     slots = (len(pairs) + 1) * num_splits
     part_acc = torch.empty(b, hq, slots, d, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(b, hq, slots, 2, dtype=torch.float32, device=q.device)
