@@ -55,28 +55,90 @@ def _load_q4(q_ptr, rows, rmask, ks_ptr, kv_head, scale, D: tl.constexpr, HAS_KS
 
 
 @triton.jit
-def _words(a8r, a16r, a32r, off, r, i, m, BITS: tl.constexpr, D: tl.constexpr):
-    """Words holding 4 consecutive codes (u8 at 2 bits, i16 at 4, i32 at 8) of rows ``r`` ``[R]`` of the code
-    array at byte ``off`` (a multiple of 16, so loads are 16-byte vectors), word columns ``i`` ``[D/4]``."""
-    mm = m[:, None]
-    if BITS == 2:
-        w = tl.load(a8r + off + (r * (D // 4))[:, None] + i[None, :], mask=mm, other=0)
-    elif BITS == 4:
-        w = tl.load(a16r + off // 2 + (r * (D // 4))[:, None] + i[None, :], mask=mm, other=0)
-    else:
-        w = tl.load(a32r + off // 4 + (r * (D // 4))[:, None] + i[None, :], mask=mm, other=0)
-    return w
+def _perm_dims(BITS: tl.constexpr, D: tl.constexpr):
+    """The head dim held by each column ``[D]`` of :func:`_codes`: column ``a * 2W + 2 i + e`` (``W = D *
+    BITS / 32`` words per token, ``a < 16 / BITS``, ``e < 2``) is code ``a + e * 16 / BITS`` of word ``i``."""
+    col = tl.arange(0, D)
+    W: tl.constexpr = D * BITS // 32
+    a = col // (2 * W)
+    i = (col // 2) % W
+    e = col % 2
+    return i * (32 // BITS) + e * (16 // BITS) + a
 
 
 @triton.jit
-def _code(w, P: tl.constexpr, BITS: tl.constexpr, CT: tl.constexpr):
-    """Codes ``4i + P`` of the words from :func:`_words` as CT (exact: <= 8 bits). For float16 without an
-    int-to-float conversion (a quarter-rate instruction that limited the loop): ``0x6400 | c`` is the half
-    ``1024 + c``."""
-    c = ((w >> (BITS * P)) & ((1 << BITS) - 1)).to(tl.int16)
+def _pairs(w, a: tl.constexpr, BITS: tl.constexpr):
+    """Codes ``a`` and ``a + 16/BITS`` of int32 words ``w`` ``[R, W]`` (bits 0-15 and 16-31 hold codes
+    ``0..16/BITS-1`` and ``16/BITS..``) as ``[R, W, 2]`` int32, with ``0x6400`` or'ed in: one shift and one
+    three-input logic op give both halves of a float16 pair."""
+    M2: tl.constexpr = ((1 << BITS) - 1) * 0x10001
+    x = ((w >> (BITS * a)) & M2) | 0x64006400
+    return tl.join(x & 0xFFFF, x >> 16)
+
+
+@triton.jit
+def _codes(w, BITS: tl.constexpr, CT: tl.constexpr):
+    """Int32 words ``w`` ``[R, W]`` (``W = D * BITS / 32``) as ``[R, D]`` codes plus 1024 in CT, columns in
+    :func:`_perm_dims` order. Each code is exact: in float16 ``0x6400 | c`` is the half ``1024 + c``, so no
+    int-to-float conversion is needed."""
+    R: tl.constexpr = w.shape[0]
+    W: tl.constexpr = w.shape[1]
+    if BITS == 8:
+        x = tl.join(_pairs(w, 0, BITS), _pairs(w, 1, BITS))
+        x = tl.permute(x, (0, 3, 1, 2))
+    elif BITS == 4:
+        x = tl.join(
+            tl.join(_pairs(w, 0, BITS), _pairs(w, 1, BITS)), tl.join(_pairs(w, 2, BITS), _pairs(w, 3, BITS))
+        )
+        x = tl.permute(x, (0, 4, 3, 1, 2))
+    else:
+        x = tl.join(
+            tl.join(
+                tl.join(_pairs(w, 0, BITS), _pairs(w, 1, BITS)),
+                tl.join(_pairs(w, 2, BITS), _pairs(w, 3, BITS)),
+            ),
+            tl.join(
+                tl.join(_pairs(w, 4, BITS), _pairs(w, 5, BITS)),
+                tl.join(_pairs(w, 6, BITS), _pairs(w, 7, BITS)),
+            ),
+        )
+        x = tl.permute(x, (0, 5, 4, 3, 1, 2))
+    x = tl.reshape(x, [R, 32 * W // BITS])
     if CT == tl.float16:  # noqa: SIM300
-        return (c | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-    return c.to(CT)
+        return x.to(tl.int16).to(tl.float16, bitcast=True)
+    return (x & 0xFF).to(CT)
+
+
+@triton.jit
+def _vperm_dims(BITS: tl.constexpr, D: tl.constexpr):
+    """The head dim held by each column ``[D]`` of :func:`_vcodes`: column ``a U + k`` is code ``a`` of unit
+    ``k`` (``U`` units of ``D / U`` codes per token: int16 at 4 and 8 bits, u8 at 2)."""
+    col = tl.arange(0, D)
+    CPU: tl.constexpr = 2 if BITS == 8 else 4
+    return CPU * (col % (D // CPU)) + col // (D // CPU)
+
+
+@triton.jit
+def _vcodes(u, BITS: tl.constexpr, CT: tl.constexpr):
+    """Value units ``u`` ``[R, U]`` (int16 at 4 and 8 bits, u8 at 2) as ``[R, D]`` codes plus 1024 in CT,
+    columns in :func:`_vperm_dims` order. The values are the B operand of ``P @ V``, whose register pairs
+    run along the tokens: two tokens' units are combined into one int32 first (even token in bits 0-15),
+    so one shift and one logic op give a float16 pair again."""
+    R: tl.constexpr = u.shape[0]
+    U: tl.constexpr = u.shape[1]
+    UM: tl.constexpr = 0xFF if BITS == 2 else 0xFFFF
+    u0, u1 = tl.split(tl.permute(tl.reshape(u.to(tl.int32) & UM, [R // 2, 2, U]), (0, 2, 1)))
+    t = u0 | (u1 << 16)
+    if BITS == 8:
+        x = tl.reshape(tl.permute(tl.join(_pairs(t, 0, BITS), _pairs(t, 1, BITS)), (0, 2, 3, 1)), [R, 2 * U])
+    else:
+        x = tl.join(
+            tl.join(_pairs(t, 0, BITS), _pairs(t, 1, BITS)), tl.join(_pairs(t, 2, BITS), _pairs(t, 3, BITS))
+        )
+        x = tl.reshape(tl.permute(x, (0, 2, 4, 3, 1)), [R, 4 * U])
+    if CT == tl.float16:  # noqa: SIM300
+        return x.to(tl.int16).to(tl.float16, bitcast=True)
+    return (x & 0xFF).to(CT)
 
 
 @triton.jit
@@ -88,10 +150,7 @@ def _tile_loop(
     qk_scale,
     m_i,
     l_i,
-    acc0,
-    acc1,
-    acc2,
-    acc3,
+    acc,
     a8r,
     a16r,
     a32r,
@@ -117,9 +176,11 @@ def _tile_loop(
     tile with no branch and with addresses computed from the loop index alone (no table lookup), so Triton
     pipelines the loads (``num_stages``).
 
-    Scores are computed transposed, ``S^T [BLOCK_N, M] = sum_j codes_j [BLOCK_N, D/4] @ q_j^T [D/4, M]``, so
-    the codes are the mma's A operand: the packed words go to shared memory and are unpacked in the
-    operand's registers. The affine form keeps the codes exact: ``q . k_hat = s_k (q . c) - z_k sum(q)`` and
+    Scores are computed transposed, ``S^T [BLOCK_N, M] = codes [BLOCK_N, D] @ q^T [D, M]``, so the codes are
+    the mma's A operand: the packed words go to shared memory and are unpacked in the operand's registers,
+    two codes per shift-and-logic pair (:func:`_codes`; the head dims are permuted, the queries with them).
+    ``P @ V`` takes the values as its B operand, unpacked two tokens at a time (:func:`_vcodes`), into an
+    accumulator whose columns are permuted (:func:`_vperm_dims`). The affine form keeps the codes exact: ``q . k_hat = s_k (q . c) - z_k sum(q)`` and
     ``sum_n p_n v_hat_n = (p s_v) @ c - sum_n p_n z_v``. The dots run in ``CT`` (float16 on the GPU, for
     every query dtype: bfloat16 queries are scaled by a power of two into float16's range first; float32
     under the interpreter). Row sums are kept per tile element and reduced once at the end."""
@@ -133,28 +194,30 @@ def _tile_loop(
     # region offsets are multiples of 16 (token bytes are, for the head dims the kernels take); written as
     # a product so that the loads' alignment is known (16-byte vectors)
     off0 = (off0 >> 4) * 16
-    # the queries (rows ``qrows`` [M]) in 4 parts, transposed: loaded here rather than kept live across the
-    # caller's loop (they would pin registers)
-    q0, q1, q2, q3 = _load_q4(q_ptr, qrows, rmask, ks_ptr, h, qk_scale, D, HAS_KS)
+    # the queries (rows ``qrows`` [M]) with their dims permuted like the key codes', transposed: loaded here
+    # rather than kept live across the caller's loop (they would pin registers)
+    dk = _perm_dims(KB, D)
+    qp = q_ptr + qrows.to(tl.int64)[:, None] * D + dk[None, :]
+    q = tl.load(qp, mask=rmask[:, None], other=0.0).to(tl.float32) * qk_scale
+    if HAS_KS:
+        q = q * tl.load(ks_ptr + h * (D // 2) + dk % (D // 2))[None, :]
     qscale = 1.0
     if CT == tl.float16:  # noqa: SIM300
-        qmax = tl.max(
-            tl.max(tl.maximum(tl.maximum(tl.abs(q0), tl.abs(q1)), tl.maximum(tl.abs(q2), tl.abs(q3))), 1), 0
-        )
+        qmax = tl.max(tl.max(tl.abs(q), 1), 0)
         qscale = tl.math.exp2(tl.maximum(tl.ceil(tl.math.log2(tl.maximum(qmax, 1e-30))) - 14.0, 0.0))
-    q0 = (q0 / qscale).to(CT)
-    q1 = (q1 / qscale).to(CT)
-    q2 = (q2 / qscale).to(CT)
-    q3 = (q3 / qscale).to(CT)
-    qsum = tl.sum(q0.to(tl.float32) + q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32), axis=1)
-    qt0 = tl.trans(q0)
-    qt1 = tl.trans(q1)
-    qt2 = tl.trans(q2)
-    qt3 = tl.trans(q3)
+    q = (q / qscale).to(CT)
+    qsum = tl.sum(q.to(tl.float32), axis=1)
+    qt = tl.trans(q)
     j = tl.arange(0, BLOCK_N)
-    i = tl.arange(0, D // 4)
-    lt = tl.zeros([BLOCK_N, acc0.shape[0]], tl.float32)
-    zt = tl.zeros([BLOCK_N, acc0.shape[0]], tl.float32)
+    KW: tl.constexpr = D * KB // 32
+    VU: tl.constexpr = D // 2 if VB == 8 else D // 4
+    ik = tl.arange(0, KW)
+    iv = tl.arange(0, VU)
+    # float16 codes carry +1024 (see _codes); float32 ones (the interpreter) none: the offset would cost
+    # float32 accuracy there
+    OFS: tl.constexpr = 1024.0 if CT == tl.float16 else 0.0  # noqa: SIM300
+    lt = tl.zeros([BLOCK_N, acc.shape[0]], tl.float32)
+    zt = tl.zeros([BLOCK_N, acc.shape[0]], tl.float32)
     for t in range(c_begin * TPC, c_end * TPC):
         ci = t // TPC
         n = (t % TPC) * BLOCK_N + j
@@ -162,33 +225,34 @@ def _tile_loop(
         off = off0 + (ci - c_begin) * RB
         r = h * CAP + n
         mb = tl.multiple_of((off + MOFF) // 4, 4) + r
-        ks = tl.load(afr + mb, mask=nm, other=0.0)[:, None] * qscale
-        kz = tl.load(afr + mb + PART, mask=nm, other=0.0)[:, None] * qscale
+        ks = tl.load(afr + mb, mask=nm, other=0.0)[:, None]
+        kz = tl.load(afr + mb + PART, mask=nm, other=0.0)[:, None]
         vs = tl.load(afr + mb + 2 * PART, mask=nm, other=0.0)[:, None]
         vz = tl.load(afr + mb + 3 * PART, mask=nm, other=0.0)[:, None]
-        kw = _words(a8r, a16r, a32r, off, r, i, nm, KB, D)
-        vw = _words(a8r, a16r, a32r, off + VOFF, r, i, nm, VB, D)
-        s = tl.dot(_code(kw, 0, KB, CT), qt0, input_precision=PREC)
-        s = tl.dot(_code(kw, 1, KB, CT), qt1, s, input_precision=PREC)
-        s = tl.dot(_code(kw, 2, KB, CT), qt2, s, input_precision=PREC)
-        s = tl.dot(_code(kw, 3, KB, CT), qt3, s, input_precision=PREC)
-        s = tl.where(nm[:, None], s * ks - kz * qsum[None, :], float("-inf"))
+        kw = tl.load(a32r + off // 4 + (r * KW)[:, None] + ik[None, :], mask=nm[:, None], other=0)
+        if VB == 2:
+            vu = tl.load(a8r + (off + VOFF) + (r * VU)[:, None] + iv[None, :], mask=nm[:, None], other=0)
+        else:
+            vu = tl.load(
+                a16r + (off + VOFF) // 2 + (r * VU)[:, None] + iv[None, :], mask=nm[:, None], other=0
+            )
+        # codes carry +1024 (see _codes): q . (c + 1024) = q . c + 1024 sum(q), folded into the zero point
+        s = tl.dot(_codes(kw, KB, CT), qt, input_precision=PREC)
+        s = tl.where(nm[:, None], (s * ks - (kz + OFS * ks) * qsum[None, :]) * qscale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_safe)
         p = tl.math.exp2(s - m_safe[None, :])
         l_i = l_i * alpha
         lt = lt * alpha[None, :] + p
-        zt = zt * alpha[None, :] + p * vz
+        pv = (p * vs).to(CT)
+        # likewise sum_n pv_n (c_n + 1024) - (1024 pv_n + p_n z_n), with the rounded pv
+        zt = zt * alpha[None, :] + p * vz + OFS * pv.to(tl.float32)
         m_i = m_new
-        pv = tl.trans(p * vs).to(CT)
-        acc0 = acc0 * alpha[:, None] + tl.dot(pv, _code(vw, 0, VB, CT), input_precision=PREC)
-        acc1 = acc1 * alpha[:, None] + tl.dot(pv, _code(vw, 1, VB, CT), input_precision=PREC)
-        acc2 = acc2 * alpha[:, None] + tl.dot(pv, _code(vw, 2, VB, CT), input_precision=PREC)
-        acc3 = acc3 * alpha[:, None] + tl.dot(pv, _code(vw, 3, VB, CT), input_precision=PREC)
+        acc = acc * alpha[:, None] + tl.dot(tl.trans(pv), _vcodes(vu, VB, CT), input_precision=PREC)
     l_i += tl.sum(lt, axis=0)
     z = tl.sum(zt, axis=0)[:, None]
-    return m_i, l_i, acc0 - z, acc1 - z, acc2 - z, acc3 - z
+    return m_i, l_i, acc - z
 
 
 @triton.jit
@@ -281,10 +345,7 @@ def _body_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     if c0 < c1:
-        acc0 = tl.zeros([BLOCK_M, D // 4], tl.float32)
-        acc1 = tl.zeros([BLOCK_M, D // 4], tl.float32)
-        acc2 = tl.zeros([BLOCK_M, D // 4], tl.float32)
-        acc3 = tl.zeros([BLOCK_M, D // 4], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
         row0 = b.to(tl.int64) * ROW_BYTES
         c = c0
         while c < c1:
@@ -297,13 +358,16 @@ def _body_kernel(
                 off = tl.load(table + c * 3)
                 mine = (tl.load(table + c * 3 + 1) == KB) & (tl.load(table + c * 3 + 2) == VB)
             if mine:
-                m_i, l_i, acc0, acc1, acc2, acc3 = _tile_loop(
-                    q_ptr, b * HQ + heads, rmask, ks_ptr, qk_scale, m_i, l_i, acc0, acc1, acc2, acc3,
+                m_i, l_i, acc = _tile_loop(
+                    q_ptr, b * HQ + heads, rmask, ks_ptr, qk_scale, m_i, l_i, acc,
                     a8 + row0, a16 + row0 // 2, a32 + row0 // 4, af + row0 // 4, off, c, c_next, N_SINK,
                     length, h, KB, VB, NW, HKV, D, HAS_KS, BLOCK_N, CT, PREC,
                 )  # fmt: skip
             c = c_next
-        _store_partial(part_acc, part_ml, prow, rmask, m_i, l_i, acc0, acc1, acc2, acc3, D)
+        # the accumulator's columns are in _perm_dims order of the value bits
+        dv = _vperm_dims(VB, D)
+        tl.store(part_acc + prow[:, None] * D + dv[None, :], acc, mask=rmask[:, None])
+        _store_ml(part_ml, prow, rmask, m_i, l_i)
     else:
         # nothing here: the merge skips slots with l == 0 without reading their accumulators
         _store_ml(part_ml, prow, rmask, m_i, l_i)
