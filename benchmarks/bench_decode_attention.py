@@ -170,7 +170,7 @@ def main() -> None:
              "sdpa_form": form}
         )  # fmt: skip
         del arena
-    for kern in (dk._body_kernel, dk._edge_kernel, dk._merge_kernel):
+    for kern in (dk._attn_kernel, dk._merge_kernel):
         for cache in getattr(kern, "device_caches", {}).values():
             for ck in cache[0].values():
                 consts = getattr(getattr(ck, "src", None), "constants", {}) or {}

@@ -1,17 +1,18 @@
 """Decode attention over the packed arena: one query per row, GQA, split-K with a log-sum-exp merge.
 
-Three kinds of launch, each over a grid fixed by static shapes (B, Hkv, ``num_splits``) and the layout,
-never by the state, so a step can be captured in a CUDA graph:
+Two launches, each over a grid fixed by static shapes (B, Hkv, ``num_splits``) and the layout, never by the
+state, so a step can be captured in a CUDA graph:
 
-* :func:`_body_kernel`, one launch per bit pair of the layout's ERS schedule with both bits <= 8: the body
-  chunks of that pair, split evenly over the programs of each (row, KV head). Tokens are the rows of the
-  dot products (``S^T = codes @ q^T``; on Hopper a wgmma whose A operand is unpacked in registers from
-  packed words that the pipeliner streams into shared memory), the GQA group's query heads (padded to 16)
-  its columns, so K/V codes are read once per group. The affine form keeps the codes exact in float16.
-* :func:`_edge_kernel`: the sink, the window (sliced over the programs) and any chunk the body launches do
-  not take (16-bit chunks, pairs outside the schedule, several groups per head), dequantized per element.
-* :func:`_merge_kernel` (one program per row and query head): the step's own new tokens in full precision,
-  and the log-sum-exp merge of every partial.
+* :func:`_attn_kernel`: for each bit pair of the layout's ERS schedule with both bits <= 8, ``num_splits``
+  programs per (row, KV head) share that pair's body chunks (:func:`_body_part`). Tokens are the rows
+  of the dot products (``S^T = codes @ q^T``; on Hopper a wgmma whose A operand is unpacked in registers
+  from packed words that the pipeliner streams into shared memory, two codes per shift-and-logic pair),
+  the GQA group's query heads (padded to 16) its columns, so K/V codes are read once per group. The affine
+  form keeps the codes exact in float16. As many programs beside them run :func:`_edge_part`: the sink,
+  the window (sliced over the programs) and any chunk the pairs do not take (16-bit chunks, pairs outside
+  the schedule, several groups per head), dequantized per element.
+* :func:`_merge_kernel` (one program per row, query head and 32 output dims): the step's own new tokens in
+  full precision, and the log-sum-exp merge of every partial.
 """
 
 from __future__ import annotations
@@ -276,7 +277,10 @@ def _store_ml(part_ml, prow, rmask, m_i, l_i):
 
 
 @triton.jit
-def _body_kernel(
+def _body_part(
+    b,
+    h,
+    split,
     q_ptr,
     a8,
     a16,
@@ -311,11 +315,8 @@ def _body_kernel(
 
     The chunks of this pair are found in the table (``TB`` >= its rows, one vector load): their span
     ``[lo, hi)`` among the chunks holding tokens of the row is split, and chunks of other pairs inside it
-    are masked tile by tile. A body written by the cache is uniform (one pair), so every launch but one
-    finds nothing and stores only (m, l) = (-inf, 0)."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    split = tl.program_id(2)
+    are masked. A body written by the cache is uniform (one pair) but for the chunk being requantized, so
+    the programs of other pairs find nothing and store only (m, l) = (-inf, 0)."""
     GQ: tl.constexpr = HQ // HKV
     mrow = tl.arange(0, BLOCK_M)
     rmask = mrow < GQ
@@ -374,7 +375,10 @@ def _body_kernel(
 
 
 @triton.jit
-def _edge_kernel(
+def _edge_part(
+    b,
+    h,
+    split,
     q_ptr,
     a8,
     a16,
@@ -410,14 +414,11 @@ def _edge_kernel(
     DT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Everything :func:`_body_kernel` launches leave: the sink, the window and body chunks whose bit pair is
+    """Everything :func:`_body_part` leaves: the sink, the window and body chunks whose bit pair is
     not in ``FAST_MASK`` (16-bit chunks, pairs outside the layout's schedule, several groups per head), with
     per-element dequantization at run-time bits. The segments (0 = sink, 1..n_chunks) are split evenly; a
     program picks its own from one vector load of the table. The window is cut into slices of ``WPER``
     tokens, one per program."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    split = tl.program_id(2)
     GQ: tl.constexpr = HQ // HKV
     mrow = tl.arange(0, BLOCK_M)
     rmask = mrow < GQ
@@ -480,6 +481,76 @@ def _edge_kernel(
 
 
 @triton.jit
+def _attn_kernel(
+    q_ptr,
+    a8,
+    a16,
+    a32,
+    af,
+    table,
+    state,
+    lengths,
+    ks_ptr,
+    part_acc,
+    part_ml,
+    ROW_BYTES,
+    qk_scale,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    GS: tl.constexpr,
+    G: tl.constexpr,
+    N_SINK: tl.constexpr,
+    NW: tl.constexpr,
+    SB: tl.constexpr,
+    WB: tl.constexpr,
+    WIN_OFF: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SLOTS: tl.constexpr,
+    TB: tl.constexpr,
+    RUNB: tl.constexpr,
+    WPER: tl.constexpr,
+    PAIRS: tl.constexpr,
+    NP: tl.constexpr,
+    FAST_MASK: tl.constexpr,
+    HAS_KS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EBLOCK_N: tl.constexpr,
+    CT: tl.constexpr,
+    DT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Every partial of a step in one launch (grid ``(B, Hkv, NUM_SPLITS * (NP + 1))``): program group ``k <
+    NP`` takes the body chunks of pair ``k`` (``PAIRS``: 4 bits per pair, ``log2(bits) - 1`` of the keys
+    then of the values) with :func:`_body_part`, the last group the sink, the window and the rest with
+    :func:`_edge_part`, beside them rather than in launches of their own. Groups with nothing to do return
+    at once."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    z = tl.program_id(2)
+    part = z // NUM_SPLITS
+    split = z % NUM_SPLITS
+    if part == NP:
+        _edge_part(
+            b, h, split, q_ptr, a8, a16, a32, af, table, state, lengths, ks_ptr, part_acc, part_ml, ROW_BYTES,
+            qk_scale, HQ, HKV, D, GS, G, N_SINK, NW, SB, WB, WIN_OFF, NUM_SPLITS, NP * NUM_SPLITS, SLOTS, RUNB,
+            WPER, FAST_MASK, HAS_KS, BLOCK_M, EBLOCK_N, DT, PREC,
+        )  # fmt: skip
+    else:
+        # one pair per program: running the pairs in turn in one program gave wrong results on the GPU (triton
+        # 3.6) where the interpreter agreed with the reference
+        for k in tl.static_range(NP):
+            if part == k:
+                _body_part(
+                    b, h, split, q_ptr, a8, a16, a32, af, table, state, lengths, ks_ptr, part_acc, part_ml,
+                    ROW_BYTES, qk_scale, HQ, HKV, D, N_SINK, NW, 2 << ((PAIRS >> (4 * k + 2)) & 3),
+                    2 << ((PAIRS >> (4 * k)) & 3), NUM_SPLITS, k * NUM_SPLITS, SLOTS, TB, HAS_KS, BLOCK_M, BLOCK_N,
+                    CT, PREC,
+                )  # fmt: skip
+
+
+@triton.jit
 def _merge_kernel(
     q_ptr,
     k_new,
@@ -495,58 +566,58 @@ def _merge_kernel(
     NUM_SPLITS: tl.constexpr,
     SPLIT_P2: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
+    """One (row, query head, ``BLOCK_D`` output dims) per program: the partials' log-sum-exp merge with the
+    step's own new tokens (their scores need every dim; only ``BLOCK_D`` of their values are read)."""
     b = tl.program_id(0)
     hq = tl.program_id(1)
+    od = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     h = hq // (HQ // HKV)
     d = tl.arange(0, D)
     base = (b * HQ + hq) * NUM_SPLITS
     q = tl.load(q_ptr + (b * HQ + hq) * D + d).to(tl.float32) * qk_scale
     kv_row = (b * HKV + h).to(tl.int64) * T
-    # the partials' max, in blocks of SPLIT_P2 slots (many slots at batch 1 would not fit registers)
+    # one pass over the partials in blocks of SPLIT_P2 slots (many slots at batch 1 would not fit registers),
+    # rescaling the running sums when the max grows; a slot with nothing in it stored only (m, l) = (-inf,
+    # 0), and its accumulator is not read
     mx = tl.full([], float("-inf"), tl.float32)
-    for s0 in range(0, NUM_SPLITS, SPLIT_P2):
-        sp = s0 + tl.arange(0, SPLIT_P2)
-        ms = tl.load(part_ml + (base + sp) * 2, mask=sp < NUM_SPLITS, other=float("-inf"))
-        mx = tl.maximum(mx, tl.max(ms, axis=0))
-    # the new tokens' scores (T is small; a first pass finds their max)
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        tm = t < T
-        kn = tl.load(k_new + (kv_row + t)[:, None] * D + d[None, :], mask=tm[:, None], other=0.0).to(
-            tl.float32
-        )
-        sc = tl.where(tm, tl.sum(kn * q[None, :], axis=1), float("-inf"))
-        mx = tl.maximum(mx, tl.max(sc, axis=0))
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    num = tl.zeros([D], tl.float32)
+    num = tl.zeros([BLOCK_D], tl.float32)
     den = tl.zeros([], tl.float32)
     for s0 in range(0, NUM_SPLITS, SPLIT_P2):
         sp = s0 + tl.arange(0, SPLIT_P2)
         smask = sp < NUM_SPLITS
-        ms = tl.load(part_ml + (base + sp) * 2, mask=smask, other=float("-inf"))
         ls = tl.load(part_ml + (base + sp) * 2 + 1, mask=smask, other=0.0)
-        w = tl.where(smask & (ls > 0.0), tl.math.exp2(ms - mx), 0.0)
-        # a slot with nothing in it stored only (m, l) = (-inf, 0): its accumulator is not read
         used = smask & (ls > 0.0)
-        acc = tl.load(part_acc + (base + sp)[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
-        num += tl.sum(acc * w[:, None], axis=0)
-        den += tl.sum(ls * w, axis=0)
+        ms = tl.load(part_ml + (base + sp) * 2, mask=used, other=float("-inf"))
+        acc = tl.load(part_acc + (base + sp)[:, None] * D + od[None, :], mask=used[:, None], other=0.0)
+        m_new = tl.maximum(mx, tl.max(ms, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(mx - m_safe)
+        w = tl.where(used, tl.math.exp2(ms - m_safe), 0.0)
+        num = num * alpha + tl.sum(acc * w[:, None], axis=0)
+        den = den * alpha + tl.sum(ls * w, axis=0)
+        mx = m_new
+    # the new tokens (T is small): their scores, then the same rescaling
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         tm = t < T
         kn = tl.load(k_new + (kv_row + t)[:, None] * D + d[None, :], mask=tm[:, None], other=0.0).to(
             tl.float32
         )
-        vn = tl.load(v_new + (kv_row + t)[:, None] * D + d[None, :], mask=tm[:, None], other=0.0).to(
+        vn = tl.load(v_new + (kv_row + t)[:, None] * D + od[None, :], mask=tm[:, None], other=0.0).to(
             tl.float32
         )
         sc = tl.where(tm, tl.sum(kn * q[None, :], axis=1), float("-inf"))
-        p = tl.where(tm, tl.math.exp2(sc - mx), 0.0)
-        num += tl.sum(vn * p[:, None], axis=0)
-        den += tl.sum(p, axis=0)
+        m_new = tl.maximum(mx, tl.max(sc, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(mx - m_safe)
+        p = tl.where(tm, tl.math.exp2(sc - m_safe), 0.0)
+        num = num * alpha + tl.sum(vn * p[:, None], axis=0)
+        den = den * alpha + tl.sum(p, axis=0)
+        mx = m_new
     res = num / tl.where(den == 0.0, 1.0, den)
-    tl.store(out + (b * HQ + hq) * D + d, res.to(out.dtype.element_ty))
+    tl.store(out + (b * HQ + hq) * D + od, res.to(out.dtype.element_ty))
 
 
 _DT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -603,10 +674,10 @@ def _pair_bit(kb: int, vb: int) -> int:
 
 
 def fast_pairs(lay: ArenaLayout) -> list[tuple[int, int]]:
-    """Bit pairs that get a :func:`_body_kernel` launch: every pair of the layout's ERS schedule (from
+    """Bit pairs that :func:`_body_part` takes: every pair of the layout's ERS schedule (from
     ``init_bits`` down to the plan's bits, so static: one compiled set serves every step) with both bits
     <= 8 (the affine form). 16-bit chunks, other pairs, and layouts with several groups per head go through
-    :func:`_edge_kernel`."""
+    :func:`_edge_part`."""
     if lay.groups != 1:
         return []
     pairs, kv = [], (lay.init_bits, lay.init_bits)
@@ -634,9 +705,9 @@ def decode_attention(
 ) -> torch.Tensor:
     """Triton launcher with :func:`pmkvq_compile.kernels.reference.decode_attention`'s signature.
 
-    Launches one :func:`_body_kernel` per pair of :func:`fast_pairs` (``pairs`` overrides it: tests cover
-    pairs outside a layout's schedule, and ``[]`` sends everything through the edge kernel), one
-    :func:`_edge_kernel`, and :func:`_merge_kernel`, each over a grid fixed by static shapes."""
+    Launches :func:`_attn_kernel` with the pairs of :func:`fast_pairs` (``pairs`` overrides them: tests cover
+    pairs outside a layout's schedule, and ``[]`` sends everything through :func:`_edge_part`), then
+    :func:`_merge_kernel`, each over a grid fixed by static shapes."""
     lay = ArenaLayout.from_list(layout)
     check_layout_tensors(lay, arena, state, table)
     check_attention_args(q, k_new, v_new, lengths, key_scale, lay, arena, 3)
@@ -656,9 +727,13 @@ def decode_attention(
     native = not interp or os.environ.get("PMKVQ_INTERPRET_NATIVE_DT") == "1"  # tests: fp16 tiles on the CPU
     dt = tl.float32 if (not native or q.dtype == torch.float32) else _DT[q.dtype]
     prec = "ieee" if dt == tl.float32 else "tf32"
-    # tuning knobs (benchmarks sweep them): "BLOCK_N,num_warps,num_stages[,maxnreg]" of the body launches
+    # tuning knobs (benchmarks sweep them): "BLOCK_N,num_warps,num_stages[,maxnreg]" of the attention launch;
+    # 128-token tiles by default (measured on an H200: 94 us against 110 for 64 at B8 x 32k, 4 bits)
     cfg = [int(x) for x in os.environ.get("PMKVQ_DECODE_CFG", "").split(",") if x]
-    block_n, warps, stages = cfg[:3] if cfg else (64, 4, 3)
+    block_n, warps, stages = cfg[:3] if cfg else (128 if lay.n_window >= 128 else 64, 4, 3)
+    if block_n < 64 or block_n & (block_n - 1):
+        # smaller tiles leave the wgmma path, and gave wrong results on the GPU (triton 3.6)
+        raise ValueError(f"PMKVQ_DECODE_CFG: BLOCK_N must be a power of two >= 64, got {block_n}")
     extra = {"maxnreg": cfg[3]} if len(cfg) > 3 and cfg[3] > 0 else {}  # registers per thread cap
     if pairs is None:
         pairs = fast_pairs(lay)
@@ -669,27 +744,24 @@ def decode_attention(
     views = (q, arena, arena.view(torch.int16), arena.view(torch.int32), arena.view(torch.float32), table, state,
              lengths, ks, part_acc, part_ml, arena.shape[1], qk_scale)  # fmt: skip
     block_m = max(16, triton.next_power_of_2(gq))
-    for k, (kb, vb) in enumerate(pairs):
-        _body_kernel[(b, hkv, num_splits)](
-            *views, HQ=hq, HKV=hkv, D=d, N_SINK=lay.n_sink, NW=lay.n_window, KB=kb, VB=vb,
-            NUM_SPLITS=num_splits, SLOT0=k * num_splits, SLOTS=slots,
-            TB=max(16, triton.next_power_of_2(lay.max_chunks)), HAS_KS=has_ks, BLOCK_M=block_m,
-            BLOCK_N=block_n, CT=tl.float32 if dt == tl.float32 else tl.float16, PREC=prec, num_warps=warps,
-            num_stages=stages, **extra,
-        )  # fmt: skip
-    per = -(-(lay.max_chunks + 2) // num_splits)
-    _edge_kernel[(b, hkv, num_splits)](
+    code = sum(
+        ((kb.bit_length() - 2) * 4 + vb.bit_length() - 2) << (4 * k) for k, (kb, vb) in enumerate(pairs)
+    )
+    _attn_kernel[(b, hkv, num_splits * (len(pairs) + 1))](
         *views, HQ=hq, HKV=hkv, D=d, GS=lay.group_size, G=lay.groups, N_SINK=lay.n_sink, NW=lay.n_window,
-        SB=lay.sink_bits, WB=lay.window_bits, WIN_OFF=lay.window_offset, NUM_SPLITS=num_splits,
-        SLOT0=len(pairs) * num_splits, SLOTS=slots, RUNB=max(16, triton.next_power_of_2(per)),
-        WPER=16 * -(-lay.n_window // (16 * num_splits)),
-        FAST_MASK=sum(_pair_bit(*p) for p in pairs), HAS_KS=has_ks, BLOCK_M=block_m, BLOCK_N=16,
-        DT=dt, PREC=prec, num_warps=4, num_stages=2,
+        SB=lay.sink_bits, WB=lay.window_bits, WIN_OFF=lay.window_offset, NUM_SPLITS=num_splits, SLOTS=slots,
+        TB=max(16, triton.next_power_of_2(lay.max_chunks)),
+        RUNB=max(16, triton.next_power_of_2(-(-(lay.max_chunks + 2) // num_splits))),
+        WPER=16 * -(-lay.n_window // (16 * num_splits)), PAIRS=code, NP=len(pairs),
+        FAST_MASK=sum(_pair_bit(*p) for p in pairs), HAS_KS=has_ks, BLOCK_M=block_m, BLOCK_N=block_n, EBLOCK_N=16,
+        CT=tl.float32 if dt == tl.float32 else tl.float16, DT=dt, PREC=prec, num_warps=warps, num_stages=stages,
+        **extra,
     )  # fmt: skip
-    _merge_kernel[(b, hq)](
+    block_d = min(32, d)
+    _merge_kernel[(b, hq, d // block_d)](
         q, k_new, v_new, part_acc, part_ml, out, t, qk_scale,
-        HQ=hq, HKV=hkv, D=d, NUM_SPLITS=slots, SPLIT_P2=min(128, triton.next_power_of_2(slots)),
-        BLOCK_T=min(16, triton.next_power_of_2(max(t, 1))), num_warps=4,
+        HQ=hq, HKV=hkv, D=d, NUM_SPLITS=slots, SPLIT_P2=min(256, triton.next_power_of_2(slots)),
+        BLOCK_T=min(16, triton.next_power_of_2(max(t, 1))), BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip
     return out
 

@@ -90,3 +90,27 @@ def test_decode_one_group_per_head(bits, value_bits, max_len, dtype, pairs, spli
     if pairs is None:  # every <= 8-bit chunk went through a body launch, 16-bit ones through the edge kernel
         assert {p for p in body if max(p) <= 8} <= set(kernel.fast_pairs(lay)), body
     assert body, "the cache should hold body chunks"
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the GPU runs float16 tiles in every test above")
+@pytest.mark.parametrize(
+    "bits,value_bits,max_len", [(8, 8, 50), (4, 2, 60), (2, 4, 60), (8, 4, 50), (8, 4, 40)]
+)
+def test_decode_float16_tiles_in_the_interpreter(bits, value_bits, max_len, monkeypatch) -> None:
+    """The GPU's float16 code path (codes as ``0x6400 | c`` halves, the 1024 offset folded into the zero
+    points) under the interpreter, against the reference; the default CPU path computes in float32."""
+    monkeypatch.setenv("PMKVQ_INTERPRET_NATIVE_DT", "1")
+    lay = small_layout(bits=bits, value_bits=value_bits, max_len=max_len, group=64)
+    arena, state, table = filled_cache(lay, 2, [17, 12, 12, 6], seed=5)
+    assert any(max(r[1:]) <= 8 for r in table[: int(state[2])].tolist()), "no body chunk for the pairs"
+    n = int(state[0])
+    lengths = torch.tensor([n, n - 9], dtype=torch.int32, device=DEVICE)  # one row ends in the body
+    g = torch.Generator().manual_seed(11)
+    hq = 3 * lay.num_kv_heads
+    q = torch.randn(2, hq, lay.head_dim, generator=g).to(DEVICE, torch.float16)
+    kn = torch.randn(2, lay.num_kv_heads, 1, lay.head_dim, generator=g).to(DEVICE, torch.float16)
+    vn = torch.randn(2, lay.num_kv_heads, 1, lay.head_dim, generator=g).to(DEVICE, torch.float16)
+    args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), 0.125)
+    want = ref.decode_attention(*args, 2)
+    got = kernel.decode_attention(*args, 2)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
