@@ -114,3 +114,17 @@ def test_decode_float16_tiles_in_the_interpreter(bits, value_bits, max_len, monk
     want = ref.decode_attention(*args, 2)
     got = kernel.decode_attention(*args, 2)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
+
+
+def test_decode_refuses_small_tiles(monkeypatch) -> None:
+    """``PMKVQ_DECODE_CFG`` with a tile below 64 tokens is refused by name, before anything is launched."""
+    monkeypatch.setenv("PMKVQ_DECODE_CFG", "32,4,3")
+    lay = small_layout(group=64)
+    arena, state, table = filled_cache(lay, 1, [9], seed=1)
+    before = arena.clone()
+    q = torch.zeros(1, 3 * lay.num_kv_heads, lay.head_dim, device=DEVICE)
+    kn = torch.zeros(1, lay.num_kv_heads, 1, lay.head_dim, device=DEVICE)
+    lengths = torch.tensor([int(state[0])], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="BLOCK_N must be a power of two >= 64, got 32"):
+        kernel.decode_attention(q, kn, kn, arena, state, table, lengths, None, lay.to_list(), 0.125, 1)
+    assert torch.equal(arena, before)
