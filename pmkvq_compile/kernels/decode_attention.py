@@ -3,12 +3,12 @@
 Two launches, each over a grid fixed by static shapes (B, Hkv, ``num_splits``) and the layout, never by the
 state, so a step can be captured in a CUDA graph:
 
-* :func:`_attn_kernel`: for each bit pair of the layout's ERS schedule with both bits <= 8, ``num_splits``
-  programs per (row, KV head) share that pair's body chunks (:func:`_body_part`). Tokens are the rows
+* :func:`_attn_kernel`: ``num_splits`` programs per (row, KV head) share the body chunks evenly and take
+  each bit pair of the layout's ERS schedule with both bits <= 8 in turn (:func:`_body_part`). Tokens are the rows
   of the dot products (``S^T = codes @ q^T``; on Hopper a wgmma whose A operand is unpacked in registers
   from packed words that the pipeliner streams into shared memory, two codes per shift-and-logic pair),
   the GQA group's query heads (padded to 16) its columns, so K/V codes are read once per group. The affine
-  form keeps the codes exact in float16. As many programs beside them run :func:`_edge_part`: the sink,
+  form keeps the codes exact in float16. Programs beside them run :func:`_edge_part`: the sink,
   the window (sliced over the programs) and any chunk the pairs do not take (16-bit chunks, pairs outside
   the schedule, several groups per head), dequantized per element.
 * :func:`_merge_kernel` (one program per row, query head and 32 output dims): the step's own new tokens in
@@ -313,10 +313,9 @@ def _body_part(
 ):
     """The body chunks at (KB, VB) bits of one (row, KV head), divided evenly over ``NUM_SPLITS`` programs.
 
-    The chunks of this pair are found in the table (``TB`` >= its rows, one vector load): their span
-    ``[lo, hi)`` among the chunks holding tokens of the row is split, and chunks of other pairs inside it
-    are masked. A body written by the cache is uniform (one pair) but for the chunk being requantized, so
-    the programs of other pairs find nothing and store only (m, l) = (-inf, 0)."""
+    The chunks of this pair are found in the table (``TB`` >= its rows, one vector load): the program takes
+    the part of their span ``[lo, hi)`` inside its share of the row's chunks, and chunks of other pairs
+    inside it are masked. A pair with nothing there stores only (m, l) = (-inf, 0)."""
     GQ: tl.constexpr = HQ // HKV
     mrow = tl.arange(0, BLOCK_M)
     rmask = mrow < GQ
@@ -331,9 +330,11 @@ def _body_part(
     match = inr & (tk == KB) & (tv == VB)
     lo = tl.min(tl.where(match, idx, TB), axis=0)
     hi = tl.max(tl.where(match, idx + 1, 0), axis=0)
-    per = (tl.maximum(hi - lo, 0) + NUM_SPLITS - 1) // NUM_SPLITS
-    c0 = lo + split * per
-    c1 = tl.minimum(c0 + per, hi)
+    # the row's chunks are split evenly over the programs whatever their pairs (a mixed body costs what a
+    # uniform one does); this pair takes its span's part of the program's share
+    per = (last_chunk + NUM_SPLITS - 1) // NUM_SPLITS
+    c0 = tl.maximum(lo, split * per)
+    c1 = tl.minimum(hi, (split + 1) * per)
     # the cache writes chunks back to back, so a span of one pair is one region array: one pipelined loop
     # over all its tiles; otherwise (a hand-made table) chunk by chunk, skipping other pairs
     RB: tl.constexpr = NW * HKV * (D * (KB + VB) // 8 + 16)
@@ -506,6 +507,7 @@ def _attn_kernel(
     WB: tl.constexpr,
     WIN_OFF: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    EDGE_SPLITS: tl.constexpr,
     SLOTS: tl.constexpr,
     TB: tl.constexpr,
     RUNB: tl.constexpr,
@@ -521,33 +523,31 @@ def _attn_kernel(
     DT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Every partial of a step in one launch (grid ``(B, Hkv, NUM_SPLITS * (NP + 1))``): program group ``k <
-    NP`` takes the body chunks of pair ``k`` (``PAIRS``: 4 bits per pair, ``log2(bits) - 1`` of the keys
-    then of the values) with :func:`_body_part`, the last group the sink, the window and the rest with
-    :func:`_edge_part`, beside them rather than in launches of their own. Groups with nothing to do return
-    at once."""
+    """Every partial of a step in one launch (grid ``(B, Hkv, NUM_SPLITS + EDGE_SPLITS)``): the first
+    ``NUM_SPLITS`` programs of a (row, KV head) share the body chunks evenly and take each pair of ``PAIRS``
+    (4 bits per pair, ``log2(bits) - 1`` of the keys then of the values) in turn with :func:`_body_part`, so
+    a pair with no chunks costs a table scan, not programs or a launch; the other ``EDGE_SPLITS`` take the
+    sink, the window and every chunk the pairs leave with :func:`_edge_part`.
+    """
     b = tl.program_id(0)
     h = tl.program_id(1)
     z = tl.program_id(2)
-    part = z // NUM_SPLITS
-    split = z % NUM_SPLITS
-    if part == NP:
+    if z >= NUM_SPLITS:
         _edge_part(
-            b, h, split, q_ptr, a8, a16, a32, af, table, state, lengths, ks_ptr, part_acc, part_ml, ROW_BYTES,
-            qk_scale, HQ, HKV, D, GS, G, N_SINK, NW, SB, WB, WIN_OFF, NUM_SPLITS, NP * NUM_SPLITS, SLOTS, RUNB,
+            b, h, z - NUM_SPLITS, q_ptr, a8, a16, a32, af, table, state, lengths, ks_ptr, part_acc, part_ml, ROW_BYTES,
+            qk_scale, HQ, HKV, D, GS, G, N_SINK, NW, SB, WB, WIN_OFF, EDGE_SPLITS, NP * NUM_SPLITS, SLOTS, RUNB,
             WPER, FAST_MASK, HAS_KS, BLOCK_M, EBLOCK_N, DT, PREC,
         )  # fmt: skip
     else:
-        # one pair per program: running the pairs in turn in one program gave wrong results on the GPU (triton
-        # 3.6) where the interpreter agreed with the reference
         for k in tl.static_range(NP):
-            if part == k:
-                _body_part(
-                    b, h, split, q_ptr, a8, a16, a32, af, table, state, lengths, ks_ptr, part_acc, part_ml,
-                    ROW_BYTES, qk_scale, HQ, HKV, D, N_SINK, NW, 2 << ((PAIRS >> (4 * k + 2)) & 3),
-                    2 << ((PAIRS >> (4 * k)) & 3), NUM_SPLITS, k * NUM_SPLITS, SLOTS, TB, HAS_KS, BLOCK_M, BLOCK_N,
-                    CT, PREC,
-                )  # fmt: skip
+            _body_part(
+                b, h, z, q_ptr, a8, a16, a32, af, table, state, lengths, ks_ptr, part_acc, part_ml,
+                ROW_BYTES, qk_scale, HQ, HKV, D, N_SINK, NW, 2 << ((PAIRS >> (4 * k + 2)) & 3),
+                2 << ((PAIRS >> (4 * k)) & 3), NUM_SPLITS, k * NUM_SPLITS, SLOTS, TB, HAS_KS, BLOCK_M, BLOCK_N,
+                CT, PREC,
+            )  # fmt: skip
+            # the next pair's pipeline reuses this one's shared memory
+            tl.debug_barrier()
 
 
 @triton.jit
@@ -737,7 +737,10 @@ def decode_attention(
     extra = {"maxnreg": cfg[3]} if len(cfg) > 3 and cfg[3] > 0 else {}  # registers per thread cap
     if pairs is None:
         pairs = fast_pairs(lay)
-    slots = (len(pairs) + 1) * num_splits
+    # the edge work (sink, window slices, chunks no pair takes) gets as many programs as the window has
+    # 16-token slices, or every split when no pair takes the body
+    edge_splits = min(num_splits, max(8, -(-lay.n_window // 16))) if pairs else num_splits
+    slots = len(pairs) * num_splits + edge_splits
     part_acc = torch.empty(b, hq, slots, d, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(b, hq, slots, 2, dtype=torch.float32, device=q.device)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
@@ -747,12 +750,12 @@ def decode_attention(
     code = sum(
         ((kb.bit_length() - 2) * 4 + vb.bit_length() - 2) << (4 * k) for k, (kb, vb) in enumerate(pairs)
     )
-    _attn_kernel[(b, hkv, num_splits * (len(pairs) + 1))](
+    _attn_kernel[(b, hkv, num_splits + edge_splits)](
         *views, HQ=hq, HKV=hkv, D=d, GS=lay.group_size, G=lay.groups, N_SINK=lay.n_sink, NW=lay.n_window,
-        SB=lay.sink_bits, WB=lay.window_bits, WIN_OFF=lay.window_offset, NUM_SPLITS=num_splits, SLOTS=slots,
-        TB=max(16, triton.next_power_of_2(lay.max_chunks)),
-        RUNB=max(16, triton.next_power_of_2(-(-(lay.max_chunks + 2) // num_splits))),
-        WPER=16 * -(-lay.n_window // (16 * num_splits)), PAIRS=code, NP=len(pairs),
+        SB=lay.sink_bits, WB=lay.window_bits, WIN_OFF=lay.window_offset, NUM_SPLITS=num_splits,
+        EDGE_SPLITS=edge_splits, SLOTS=slots, TB=max(16, triton.next_power_of_2(lay.max_chunks)),
+        RUNB=max(16, triton.next_power_of_2(-(-(lay.max_chunks + 2) // edge_splits))),
+        WPER=16 * -(-lay.n_window // (16 * edge_splits)), PAIRS=code, NP=len(pairs),
         FAST_MASK=sum(_pair_bit(*p) for p in pairs), HAS_KS=has_ks, BLOCK_M=block_m, BLOCK_N=block_n, EBLOCK_N=16,
         CT=tl.float32 if dt == tl.float32 else tl.float16, DT=dt, PREC=prec, num_warps=warps, num_stages=stages,
         **extra,
