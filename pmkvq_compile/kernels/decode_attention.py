@@ -4,13 +4,13 @@ Two launches, each over a grid fixed by static shapes (B, Hkv, ``num_splits``) a
 state, so a step can be captured in a CUDA graph:
 
 * :func:`_attn_kernel`: ``num_splits`` programs per (row, KV head) share the body chunks evenly and take
-  each bit pair of the layout's ERS schedule with both bits <= 8 in turn (:func:`_body_part`). Tokens are the rows
-  of the dot products (``S^T = codes @ q^T``; on Hopper a wgmma whose A operand is unpacked in registers
-  from packed words that the pipeliner streams into shared memory, two codes per shift-and-logic pair),
-  the GQA group's query heads (padded to 16) its columns, so K/V codes are read once per group. The affine
-  form keeps the codes exact in float16. Programs beside them run :func:`_edge_part`: the sink,
-  the window (sliced over the programs) and any chunk the pairs do not take (16-bit chunks, pairs outside
-  the schedule, several groups per head), dequantized per element.
+  each bit pair of the layout's ERS schedule with both bits <= 8 in turn (:func:`_body_part`). Tokens are
+  the rows of the dot products (``S^T = codes @ q^T``; on Hopper a wgmma whose A operand is unpacked in
+  registers from packed words that the pipeliner streams into shared memory, two codes per
+  shift-and-logic pair), the GQA group's query heads (padded to 16) its columns, so K/V codes are read once
+  per group. The affine form keeps the codes exact in float16. Programs beside them run
+  :func:`_edge_part`: the sink, the window (sliced over the programs) and any chunk the pairs do not take
+  (16-bit chunks, pairs outside the schedule, several groups per head), dequantized per element.
 * :func:`_merge_kernel` (one program per row, query head and 32 output dims): the step's own new tokens in
   full precision, and the log-sum-exp merge of every partial.
 """
@@ -52,7 +52,7 @@ def _load_q4(q_ptr, rows, rmask, ks_ptr, kv_head, scale, D: tl.constexpr, HAS_KS
     return q0, q1, q2, q3
 
 
-# ---- "stream": tokens as the mma's M dimension, packed words converted once, codes unpacked in registers ----
+# ---- tokens as the mma's M dimension: packed words streamed to shared memory, unpacked in registers ----
 
 
 @triton.jit
@@ -181,10 +181,10 @@ def _tile_loop(
     the mma's A operand: the packed words go to shared memory and are unpacked in the operand's registers,
     two codes per shift-and-logic pair (:func:`_codes`; the head dims are permuted, the queries with them).
     ``P @ V`` takes the values as its B operand, unpacked two tokens at a time (:func:`_vcodes`), into an
-    accumulator whose columns are permuted (:func:`_vperm_dims`). The affine form keeps the codes exact: ``q . k_hat = s_k (q . c) - z_k sum(q)`` and
-    ``sum_n p_n v_hat_n = (p s_v) @ c - sum_n p_n z_v``. The dots run in ``CT`` (float16 on the GPU, for
-    every query dtype: bfloat16 queries are scaled by a power of two into float16's range first; float32
-    under the interpreter). Row sums are kept per tile element and reduced once at the end."""
+    accumulator whose columns are permuted (:func:`_vperm_dims`). The affine form keeps the codes exact:
+    ``q . k_hat = s_k (q . c) - z_k sum(q)`` and ``sum_n p_n v_hat_n = (p s_v) @ c - sum_n p_n z_v``. The
+    dots run in ``CT`` (float16 on the GPU, for every query dtype: bfloat16 queries are scaled by a power of
+    two into float16's range first; float32 under the interpreter). Row sums are kept per tile element and reduced once at the end."""
     TPC: tl.constexpr = (CAP + BLOCK_N - 1) // BLOCK_N
     KBY: tl.constexpr = D * KB // 8
     VBY: tl.constexpr = D * VB // 8
@@ -534,17 +534,17 @@ def _attn_kernel(
     z = tl.program_id(2)
     if z >= NUM_SPLITS:
         _edge_part(
-            b, h, z - NUM_SPLITS, q_ptr, a8, a16, a32, af, table, state, lengths, ks_ptr, part_acc, part_ml, ROW_BYTES,
-            qk_scale, HQ, HKV, D, GS, G, N_SINK, NW, SB, WB, WIN_OFF, EDGE_SPLITS, NP * NUM_SPLITS, SLOTS, RUNB,
-            WPER, FAST_MASK, HAS_KS, BLOCK_M, EBLOCK_N, DT, PREC,
+            b, h, z - NUM_SPLITS, q_ptr, a8, a16, a32, af, table, state, lengths, ks_ptr, part_acc, part_ml,
+            ROW_BYTES, qk_scale, HQ, HKV, D, GS, G, N_SINK, NW, SB, WB, WIN_OFF, EDGE_SPLITS, NP * NUM_SPLITS,
+            SLOTS, RUNB, WPER, FAST_MASK, HAS_KS, BLOCK_M, EBLOCK_N, DT, PREC,
         )  # fmt: skip
     else:
         for k in tl.static_range(NP):
             _body_part(
                 b, h, z, q_ptr, a8, a16, a32, af, table, state, lengths, ks_ptr, part_acc, part_ml,
                 ROW_BYTES, qk_scale, HQ, HKV, D, N_SINK, NW, 2 << ((PAIRS >> (4 * k + 2)) & 3),
-                2 << ((PAIRS >> (4 * k)) & 3), NUM_SPLITS, k * NUM_SPLITS, SLOTS, TB, HAS_KS, BLOCK_M, BLOCK_N,
-                CT, PREC,
+                2 << ((PAIRS >> (4 * k)) & 3), NUM_SPLITS, k * NUM_SPLITS, SLOTS, TB, HAS_KS, BLOCK_M,
+                BLOCK_N, CT, PREC,
             )  # fmt: skip
             # the next pair's pipeline reuses this one's shared memory
             tl.debug_barrier()
@@ -744,8 +744,8 @@ def decode_attention(
     part_acc = torch.empty(b, hq, slots, d, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(b, hq, slots, 2, dtype=torch.float32, device=q.device)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-    views = (q, arena, arena.view(torch.int16), arena.view(torch.int32), arena.view(torch.float32), table, state,
-             lengths, ks, part_acc, part_ml, arena.shape[1], qk_scale)  # fmt: skip
+    views = (q, arena, arena.view(torch.int16), arena.view(torch.int32), arena.view(torch.float32), table,
+             state, lengths, ks, part_acc, part_ml, arena.shape[1], qk_scale)  # fmt: skip
     block_m = max(16, triton.next_power_of_2(gq))
     code = sum(
         ((kb.bit_length() - 2) * 4 + vb.bit_length() - 2) << (4 * k) for k, (kb, vb) in enumerate(pairs)
@@ -756,9 +756,9 @@ def decode_attention(
         EDGE_SPLITS=edge_splits, SLOTS=slots, TB=max(16, triton.next_power_of_2(lay.max_chunks)),
         RUNB=max(16, triton.next_power_of_2(-(-(lay.max_chunks + 2) // edge_splits))),
         WPER=16 * -(-lay.n_window // (16 * edge_splits)), PAIRS=code, NP=len(pairs),
-        FAST_MASK=sum(_pair_bit(*p) for p in pairs), HAS_KS=has_ks, BLOCK_M=block_m, BLOCK_N=block_n, EBLOCK_N=16,
-        CT=tl.float32 if dt == tl.float32 else tl.float16, DT=dt, PREC=prec, num_warps=warps, num_stages=stages,
-        **extra,
+        FAST_MASK=sum(_pair_bit(*p) for p in pairs), HAS_KS=has_ks, BLOCK_M=block_m, BLOCK_N=block_n,
+        EBLOCK_N=16, CT=tl.float32 if dt == tl.float32 else tl.float16, DT=dt, PREC=prec, num_warps=warps,
+        num_stages=stages, **extra,
     )  # fmt: skip
     block_d = min(32, d)
     _merge_kernel[(b, hq, d // block_d)](
