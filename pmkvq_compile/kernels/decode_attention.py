@@ -184,7 +184,8 @@ def _tile_loop(
     accumulator whose columns are permuted (:func:`_vperm_dims`). The affine form keeps the codes exact:
     ``q . k_hat = s_k (q . c) - z_k sum(q)`` and ``sum_n p_n v_hat_n = (p s_v) @ c - sum_n p_n z_v``. The
     dots run in ``CT`` (float16 on the GPU, for every query dtype: bfloat16 queries are scaled by a power of
-    two into float16's range first; float32 under the interpreter). Row sums are kept per tile element and reduced once at the end."""
+    two into float16's range first; float32 under the interpreter). Row sums are kept per tile element and
+    reduced once at the end."""
     TPC: tl.constexpr = (CAP + BLOCK_N - 1) // BLOCK_N
     KBY: tl.constexpr = D * KB // 8
     VBY: tl.constexpr = D * VB // 8
