@@ -143,6 +143,15 @@ def _vcodes(u, BITS: tl.constexpr, CT: tl.constexpr):
 
 
 @triton.jit
+def _raise_max(m_old, m_blk):
+    """Online softmax step: the new running max, the max to subtract (0 where still -inf, so no NaN), and the
+    factor ``alpha`` that rescales sums taken against ``m_old``."""
+    m_new = tl.maximum(m_old, m_blk)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, m_safe, tl.math.exp2(m_old - m_safe)
+
+
+@triton.jit
 def _tile_loop(
     q_ptr,
     qrows,
@@ -241,9 +250,7 @@ def _tile_loop(
         # codes carry +1024 (see _codes): q . (c + 1024) = q . c + 1024 sum(q), folded into the zero point
         s = tl.dot(_codes(kw, KB, CT), qt, input_precision=PREC)
         s = tl.where(nm[:, None], (s * ks - (kz + OFS * ks) * qsum[None, :]) * qscale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
+        m_new, m_safe, alpha = _raise_max(m_i, tl.max(s, axis=0))
         p = tl.math.exp2(s - m_safe[None, :])
         l_i = l_i * alpha
         lt = lt * alpha[None, :] + p
@@ -367,7 +374,7 @@ def _body_part(
                     length, h, KB, VB, NW, HKV, D, HAS_KS, BLOCK_N, CT, PREC,
                 )  # fmt: skip
             c = c_next
-        # the accumulator's columns are in _perm_dims order of the value bits
+        # the accumulator's columns are in _vperm_dims order of the value bits
         dv = _vperm_dims(VB, D)
         tl.store(part_acc + prow[:, None] * D + dv[None, :], acc, mask=rmask[:, None])
         _store_ml(part_ml, prow, rmask, m_i, l_i)
@@ -592,9 +599,7 @@ def _merge_kernel(
         used = smask & (ls > 0.0)
         ms = tl.load(part_ml + (base + sp) * 2, mask=used, other=float("-inf"))
         acc = tl.load(part_acc + (base + sp)[:, None] * D + od[None, :], mask=used[:, None], other=0.0)
-        m_new = tl.maximum(mx, tl.max(ms, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(mx - m_safe)
+        m_new, m_safe, alpha = _raise_max(mx, tl.max(ms, axis=0))
         w = tl.where(used, tl.math.exp2(ms - m_safe), 0.0)
         num = num * alpha + tl.sum(acc * w[:, None], axis=0)
         den = den * alpha + tl.sum(ls * w, axis=0)
@@ -610,9 +615,7 @@ def _merge_kernel(
             tl.float32
         )
         sc = tl.where(tm, tl.sum(kn * q[None, :], axis=1), float("-inf"))
-        m_new = tl.maximum(mx, tl.max(sc, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(mx - m_safe)
+        m_new, m_safe, alpha = _raise_max(mx, tl.max(sc, axis=0))
         p = tl.where(tm, tl.math.exp2(sc - m_safe), 0.0)
         num = num * alpha + tl.sum(vn * p[:, None], axis=0)
         den = den * alpha + tl.sum(p, axis=0)
@@ -738,8 +741,8 @@ def decode_attention(
     extra = {"maxnreg": cfg[3]} if len(cfg) > 3 and cfg[3] > 0 else {}  # registers per thread cap
     if pairs is None:
         pairs = fast_pairs(lay)
-    # the edge work (sink, window slices, chunks no pair takes) gets as many programs as the window has
-    # 16-token slices, or every split when no pair takes the body
+    # the edge work (sink, window slices, chunks no pair takes) gets one program per 16-token window slice
+    # (at least 8, at most num_splits), or every split when no pair takes the body
     edge_splits = min(num_splits, max(8, -(-lay.n_window // 16))) if pairs else num_splits
     slots = len(pairs) * num_splits + edge_splits
     part_acc = torch.empty(b, hq, slots, d, dtype=torch.float32, device=q.device)

@@ -13,6 +13,14 @@ from .helpers import DEVICE, filled_cache, make_mixed, small_layout
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
+def _step_inputs(lay, batch: int, dtype: torch.dtype, g: torch.Generator):
+    """A decode step's q ``[B, 3 Hkv, D]`` and new K/V ``[B, Hkv, 1, D]``, drawn from ``g`` in that order."""
+    q = torch.randn(batch, 3 * lay.num_kv_heads, lay.head_dim, generator=g).to(DEVICE, dtype)
+    kn = torch.randn(batch, lay.num_kv_heads, 1, lay.head_dim, generator=g).to(DEVICE, dtype)
+    vn = torch.randn(batch, lay.num_kv_heads, 1, lay.head_dim, generator=g).to(DEVICE, dtype)
+    return q, kn, vn
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "mixed,splits,with_scale,group", [(False, 3, True, 32), (True, 1, False, 64), (True, 0, False, 32)]
@@ -32,10 +40,7 @@ def test_decode_matches_reference(dtype, mixed, splits, with_scale, group) -> No
         assert len(bits) == 2
     n = int(state[0])
     lengths = torch.tensor([n, n - 9, 1], dtype=torch.int32, device=DEVICE)
-    hq = 3 * lay.num_kv_heads
-    q = torch.randn(3, hq, lay.head_dim, generator=g).to(DEVICE, dtype)
-    kn = torch.randn(3, lay.num_kv_heads, 1, lay.head_dim, generator=g).to(DEVICE, dtype)
-    vn = torch.randn(3, lay.num_kv_heads, 1, lay.head_dim, generator=g).to(DEVICE, dtype)
+    q, kn, vn = _step_inputs(lay, 3, dtype, g)
     args = (q, kn, vn, arena, state, table, lengths, ks, lay.to_list(), 0.125)
     want = ref.decode_attention(*args, splits)
     got = kernel.decode_attention(*args, splits)
@@ -79,10 +84,7 @@ def test_decode_one_group_per_head(bits, value_bits, max_len, dtype, pairs, spli
     n = int(state[0])
     lengths = torch.tensor([n, n - 17, 1, 0], dtype=torch.int32, device=DEVICE)
     g = torch.Generator().manual_seed(7)
-    hq = 3 * lay.num_kv_heads
-    q = torch.randn(4, hq, lay.head_dim, generator=g).to(DEVICE, dtype)
-    kn = torch.randn(4, lay.num_kv_heads, 1, lay.head_dim, generator=g).to(DEVICE, dtype)
-    vn = torch.randn(4, lay.num_kv_heads, 1, lay.head_dim, generator=g).to(DEVICE, dtype)
+    q, kn, vn = _step_inputs(lay, 4, dtype, g)
     args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), 0.125)
     want = ref.decode_attention(*args, splits)
     got = kernel.decode_attention(*args, splits, pairs=pairs)
@@ -106,10 +108,7 @@ def test_decode_float16_tiles_in_the_interpreter(bits, value_bits, max_len, monk
     n = int(state[0])
     lengths = torch.tensor([n, n - 9], dtype=torch.int32, device=DEVICE)  # one row ends in the body
     g = torch.Generator().manual_seed(11)
-    hq = 3 * lay.num_kv_heads
-    q = torch.randn(2, hq, lay.head_dim, generator=g).to(DEVICE, torch.float16)
-    kn = torch.randn(2, lay.num_kv_heads, 1, lay.head_dim, generator=g).to(DEVICE, torch.float16)
-    vn = torch.randn(2, lay.num_kv_heads, 1, lay.head_dim, generator=g).to(DEVICE, torch.float16)
+    q, kn, vn = _step_inputs(lay, 2, torch.float16, g)
     args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), 0.125)
     want = ref.decode_attention(*args, 2)
     got = kernel.decode_attention(*args, 2)
