@@ -68,39 +68,47 @@ def _perm_dims(BITS: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _pairs(w, a: tl.constexpr, BITS: tl.constexpr):
+def _pairs(w, a: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
     """Codes ``a`` and ``a + 16/BITS`` of int32 words ``w`` ``[R, W]`` (bits 0-15 and 16-31 hold codes
     ``0..16/BITS-1`` and ``16/BITS..``) as ``[R, W, 2]`` int32, with ``0x6400`` or'ed in: one shift and one
-    three-input logic op give both halves of a float16 pair."""
+    three-input logic op (``(x & mask) | 0x64006400``; with ASM an explicit ``lop3``, which ptxas does not
+    form from the and/or pair by itself) give both halves of a float16 pair."""
     M2: tl.constexpr = ((1 << BITS) - 1) * 0x10001
-    x = ((w >> (BITS * a)) & M2) | 0x64006400
+    x = w >> (BITS * a) if a > 0 else w
+    if ASM:
+        x = tl.inline_asm_elementwise(
+            f"lop3.b32 $0, $1, {M2}, 1677747200, 234;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1
+        )
+    else:
+        x = (x & M2) | 0x64006400
     return tl.join(x & 0xFFFF, x >> 16)
 
 
 @triton.jit
-def _codes(w, BITS: tl.constexpr, CT: tl.constexpr):
+def _codes(w, BITS: tl.constexpr, CT: tl.constexpr, ASM: tl.constexpr):
     """Int32 words ``w`` ``[R, W]`` (``W = D * BITS / 32``) as ``[R, D]`` codes plus 1024 in CT, columns in
     :func:`_perm_dims` order. Each code is exact: in float16 ``0x6400 | c`` is the half ``1024 + c``, so no
     int-to-float conversion is needed."""
     R: tl.constexpr = w.shape[0]
     W: tl.constexpr = w.shape[1]
     if BITS == 8:
-        x = tl.join(_pairs(w, 0, BITS), _pairs(w, 1, BITS))
+        x = tl.join(_pairs(w, 0, BITS, ASM), _pairs(w, 1, BITS, ASM))
         x = tl.permute(x, (0, 3, 1, 2))
     elif BITS == 4:
         x = tl.join(
-            tl.join(_pairs(w, 0, BITS), _pairs(w, 1, BITS)), tl.join(_pairs(w, 2, BITS), _pairs(w, 3, BITS))
+            tl.join(_pairs(w, 0, BITS, ASM), _pairs(w, 1, BITS, ASM)),
+            tl.join(_pairs(w, 2, BITS, ASM), _pairs(w, 3, BITS, ASM)),
         )
         x = tl.permute(x, (0, 4, 3, 1, 2))
     else:
         x = tl.join(
             tl.join(
-                tl.join(_pairs(w, 0, BITS), _pairs(w, 1, BITS)),
-                tl.join(_pairs(w, 2, BITS), _pairs(w, 3, BITS)),
+                tl.join(_pairs(w, 0, BITS, ASM), _pairs(w, 1, BITS, ASM)),
+                tl.join(_pairs(w, 2, BITS, ASM), _pairs(w, 3, BITS, ASM)),
             ),
             tl.join(
-                tl.join(_pairs(w, 4, BITS), _pairs(w, 5, BITS)),
-                tl.join(_pairs(w, 6, BITS), _pairs(w, 7, BITS)),
+                tl.join(_pairs(w, 4, BITS, ASM), _pairs(w, 5, BITS, ASM)),
+                tl.join(_pairs(w, 6, BITS, ASM), _pairs(w, 7, BITS, ASM)),
             ),
         )
         x = tl.permute(x, (0, 5, 4, 3, 1, 2))
@@ -112,31 +120,40 @@ def _codes(w, BITS: tl.constexpr, CT: tl.constexpr):
 
 @triton.jit
 def _vperm_dims(BITS: tl.constexpr, D: tl.constexpr):
-    """The head dim held by each column ``[D]`` of :func:`_vcodes`: column ``a U + k`` is code ``a`` of unit
-    ``k`` (``U`` units of ``D / U`` codes per token: int16 at 4 and 8 bits, u8 at 2)."""
-    col = tl.arange(0, D)
-    CPU: tl.constexpr = 2 if BITS == 8 else 4
-    return CPU * (col % (D // CPU)) + col // (D // CPU)
+    """The head dim held by each row ``[D]`` of :func:`_vcodes`: with ``A`` codes per unit (4, or 2 at 8
+    bits), row ``r`` holds code ``a`` of unit ``u``, where the low three bits of ``u`` are the low bits of
+    ``r``, the next bit of ``r`` is the low bit of ``a``, then the rest of ``u``, and at 2 and 4 bits the top
+    bit of ``r`` is the high bit of ``a``. The wgmma A fragment keeps row bits 3 and 6 (of 128 rows) in one
+    thread's registers, so a thread unpacks all codes of the units it loads."""
+    r = tl.arange(0, D)
+    if BITS == 8:
+        u = (r // 16) * 8 + r % 8
+        return 2 * u + (r // 8) % 2
+    rr = r % (D // 2)
+    u = (rr // 16) * 8 + rr % 8
+    return 4 * u + 2 * (r // (D // 2)) + (rr // 8) % 2
 
 
 @triton.jit
-def _vcodes(u, BITS: tl.constexpr, CT: tl.constexpr):
-    """Value units ``u`` ``[R, U]`` (int16 at 4 and 8 bits, u8 at 2) as ``[R, D]`` codes plus 1024 in CT,
-    columns in :func:`_vperm_dims` order. The values are the B operand of ``P @ V``, whose register pairs
-    run along the tokens: two tokens' units are combined into one int32 first (even token in bits 0-15),
-    so one shift and one logic op give a float16 pair again."""
+def _vcodes(u, BITS: tl.constexpr, CT: tl.constexpr, ASM: tl.constexpr):
+    """Value units ``u`` ``[R, U]`` (int16 at 4 and 8 bits, u8 at 2) as transposed codes plus 1024 in CT,
+    ``[D, R]``, rows in :func:`_vperm_dims` order. They are the A operand of ``acc^T = V^T @ P``, whose
+    register pairs run along the tokens: two tokens' units are combined into one int32 first (even token in
+    bits 0-15), so one shift and one logic op give a float16 pair again."""
     R: tl.constexpr = u.shape[0]
     U: tl.constexpr = u.shape[1]
     UM: tl.constexpr = 0xFF if BITS == 2 else 0xFFFF
     u0, u1 = tl.split(tl.permute(tl.reshape(u.to(tl.int32) & UM, [R // 2, 2, U]), (0, 2, 1)))
-    t = u0 | (u1 << 16)
+    t = tl.reshape(u0 | (u1 << 16), [R // 2, U // 8, 8])
     if BITS == 8:
-        x = tl.reshape(tl.permute(tl.join(_pairs(t, 0, BITS), _pairs(t, 1, BITS)), (0, 2, 3, 1)), [R, 2 * U])
+        x = tl.join(_pairs(t, 0, BITS, ASM), _pairs(t, 1, BITS, ASM))
+        x = tl.reshape(tl.permute(x, (1, 4, 2, 0, 3)), [2 * U, R])
     else:
         x = tl.join(
-            tl.join(_pairs(t, 0, BITS), _pairs(t, 1, BITS)), tl.join(_pairs(t, 2, BITS), _pairs(t, 3, BITS))
+            tl.join(_pairs(t, 0, BITS, ASM), _pairs(t, 1, BITS, ASM)),
+            tl.join(_pairs(t, 2, BITS, ASM), _pairs(t, 3, BITS, ASM)),
         )
-        x = tl.reshape(tl.permute(x, (0, 2, 4, 3, 1)), [R, 4 * U])
+        x = tl.reshape(tl.permute(x, (5, 1, 4, 2, 0, 3)), [4 * U, R])
     if CT == tl.float16:  # noqa: SIM300
         return x.to(tl.int16).to(tl.float16, bitcast=True)
     return (x & 0xFF).to(CT)
@@ -180,6 +197,7 @@ def _tile_loop(
     BLOCK_N: tl.constexpr,
     CT: tl.constexpr,
     PREC: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """Regions ``c_begin..c_end`` of capacity ``CAP``, all at ``KB``/``VB`` <= 8 bits with one group per head,
     stored back to back from byte ``off0`` (region ``c`` holds tokens from ``tok0 + c * CAP``). Tile by
@@ -227,8 +245,8 @@ def _tile_loop(
     # float16 codes carry +1024 (see _codes); float32 ones (the interpreter) none: the offset would cost
     # float32 accuracy there
     OFS: tl.constexpr = 1024.0 if CT == tl.float16 else 0.0  # noqa: SIM300
-    lt = tl.zeros([BLOCK_N, acc.shape[0]], tl.float32)
-    zt = tl.zeros([BLOCK_N, acc.shape[0]], tl.float32)
+    lt = tl.zeros([BLOCK_N, acc.shape[1]], tl.float32)
+    zt = tl.zeros([BLOCK_N, acc.shape[1]], tl.float32)
     for t in range(c_begin * TPC, c_end * TPC):
         ci = t // TPC
         n = (t % TPC) * BLOCK_N + j
@@ -248,8 +266,9 @@ def _tile_loop(
                 a16r + (off + VOFF) // 2 + (r * VU)[:, None] + iv[None, :], mask=nm[:, None], other=0
             )
         # codes carry +1024 (see _codes): q . (c + 1024) = q . c + 1024 sum(q), folded into the zero point
-        s = tl.dot(_codes(kw, KB, CT), qt, input_precision=PREC)
-        s = tl.where(nm[:, None], (s * ks - (kz + OFS * ks) * qsum[None, :]) * qscale, float("-inf"))
+        ksq = ks * qscale
+        s = tl.dot(_codes(kw, KB, CT, ASM), qt, input_precision=PREC)
+        s = tl.where(nm[:, None], s * ksq - ((kz + OFS * ks) * qscale) * qsum[None, :], float("-inf"))
         m_new, m_safe, alpha = _raise_max(m_i, tl.max(s, axis=0))
         p = tl.math.exp2(s - m_safe[None, :])
         l_i = l_i * alpha
@@ -258,9 +277,9 @@ def _tile_loop(
         # likewise sum_n pv_n (c_n + 1024) - (1024 pv_n + p_n z_n), with the rounded pv
         zt = zt * alpha[None, :] + p * vz + OFS * pv.to(tl.float32)
         m_i = m_new
-        acc = acc * alpha[:, None] + tl.dot(tl.trans(pv), _vcodes(vu, VB, CT), input_precision=PREC)
+        acc = acc * alpha[None, :] + tl.dot(_vcodes(vu, VB, CT, ASM), pv, input_precision=PREC)
     l_i += tl.sum(lt, axis=0)
-    z = tl.sum(zt, axis=0)[:, None]
+    z = tl.sum(zt, axis=0)[None, :]
     return m_i, l_i, acc - z
 
 
@@ -318,6 +337,7 @@ def _body_part(
     BLOCK_N: tl.constexpr,
     CT: tl.constexpr,
     PREC: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """The body chunks at (KB, VB) bits of one (row, KV head), divided evenly over ``NUM_SPLITS`` programs.
 
@@ -355,7 +375,7 @@ def _body_part(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     if c0 < c1:
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        acc = tl.zeros([D, BLOCK_M], tl.float32)
         row0 = b.to(tl.int64) * ROW_BYTES
         c = c0
         while c < c1:
@@ -371,12 +391,12 @@ def _body_part(
                 m_i, l_i, acc = _tile_loop(
                     q_ptr, b * HQ + heads, rmask, ks_ptr, qk_scale, m_i, l_i, acc,
                     a8 + row0, a16 + row0 // 2, a32 + row0 // 4, af + row0 // 4, off, c, c_next, N_SINK,
-                    length, h, KB, VB, NW, HKV, D, HAS_KS, BLOCK_N, CT, PREC,
+                    length, h, KB, VB, NW, HKV, D, HAS_KS, BLOCK_N, CT, PREC, ASM,
                 )  # fmt: skip
             c = c_next
-        # the accumulator's columns are in _vperm_dims order of the value bits
+        # the (transposed) accumulator's rows are in _vperm_dims order of the value bits
         dv = _vperm_dims(VB, D)
-        tl.store(part_acc + prow[:, None] * D + dv[None, :], acc, mask=rmask[:, None])
+        tl.store(part_acc + prow[None, :] * D + dv[:, None], acc, mask=rmask[None, :])
         _store_ml(part_ml, prow, rmask, m_i, l_i)
     else:
         # nothing here: the merge skips slots with l == 0 without reading their accumulators
@@ -530,6 +550,7 @@ def _attn_kernel(
     CT: tl.constexpr,
     DT: tl.constexpr,
     PREC: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """Every partial of a step in one launch (grid ``(B, Hkv, NUM_SPLITS + EDGE_SPLITS)``): the first
     ``NUM_SPLITS`` programs of a (row, KV head) share the body chunks evenly and take each pair of ``PAIRS``
@@ -552,7 +573,7 @@ def _attn_kernel(
                 b, h, z, q_ptr, a8, a16, a32, af, table, state, lengths, ks_ptr, part_acc, part_ml,
                 ROW_BYTES, qk_scale, HQ, HKV, D, N_SINK, NW, 2 << ((PAIRS >> (4 * k + 2)) & 3),
                 2 << ((PAIRS >> (4 * k)) & 3), NUM_SPLITS, k * NUM_SPLITS, SLOTS, TB, HAS_KS, BLOCK_M,
-                BLOCK_N, CT, PREC,
+                BLOCK_N, CT, PREC, ASM,
             )  # fmt: skip
             # the next pair's pipeline reuses this one's shared memory
             tl.debug_barrier()
@@ -761,7 +782,8 @@ def decode_attention(
         RUNB=max(16, triton.next_power_of_2(-(-(lay.max_chunks + 2) // edge_splits))),
         WPER=16 * -(-lay.n_window // (16 * edge_splits)), PAIRS=code, NP=len(pairs),
         FAST_MASK=sum(_pair_bit(*p) for p in pairs), HAS_KS=has_ks, BLOCK_M=block_m, BLOCK_N=block_n,
-        EBLOCK_N=16, CT=tl.float32 if dt == tl.float32 else tl.float16, DT=dt, PREC=prec, num_warps=warps,
+        EBLOCK_N=16, CT=tl.float32 if dt == tl.float32 else tl.float16, DT=dt, PREC=prec, ASM=not interp,
+        num_warps=warps,
         num_stages=stages, **extra,
     )  # fmt: skip
     block_d = min(32, d)
