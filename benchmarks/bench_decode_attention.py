@@ -125,9 +125,10 @@ def main() -> None:
         kn = torch.randn(8, HKV, 1, D, dtype=torch.float16, device="cuda")
         lengths = torch.full((8,), length, dtype=torch.int32, device="cuda")
         op_args = (q, kn, kn, arena, state, table, lengths, None, lay.to_list(), D**-0.5, 0)
-        for cfg in os.environ["SWEEP"].split(";"):  # "BLOCK_N,num_warps,num_stages[,splits[,maxnreg]]"
+        # "BLOCK_N,num_warps,num_stages[,splits[,maxnreg[,edge_first]]]" (splits 0: the default)
+        for cfg in os.environ["SWEEP"].split(";"):
             knobs = cfg.split(",")
-            os.environ["PMKVQ_DECODE_CFG"] = ",".join(knobs[:3] + knobs[4:5])
+            os.environ["PMKVQ_DECODE_CFG"] = ",".join(knobs[:3] + knobs[4:6])
             a = (*op_args[:-1], int(knobs[3]) if len(knobs) > 3 else 0)
             print(f"sweep B8 4-bit cfg {cfg}: {graph_ms(lambda a=a: ops.decode_attention(*a)) * 1e3:.1f} us")
         os.environ["PMKVQ_DECODE_CFG"] = os.environ.get("BEST", "")

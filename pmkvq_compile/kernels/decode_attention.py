@@ -120,40 +120,53 @@ def _codes(w, BITS: tl.constexpr, CT: tl.constexpr, ASM: tl.constexpr):
 
 @triton.jit
 def _vperm_dims(BITS: tl.constexpr, D: tl.constexpr):
-    """The head dim held by each row ``[D]`` of :func:`_vcodes`: with ``A`` codes per unit (4, or 2 at 8
-    bits), row ``r`` holds code ``a`` of unit ``u``, where the low three bits of ``u`` are the low bits of
-    ``r``, the next bit of ``r`` is the low bit of ``a``, then the rest of ``u``, and at 2 and 4 bits the top
-    bit of ``r`` is the high bit of ``a``. The wgmma A fragment keeps row bits 3 and 6 (of 128 rows) in one
-    thread's registers, so a thread unpacks all codes of the units it loads."""
+    """The head dim held by each row ``[D]`` of :func:`_vcodes`. A unit is an int16 of ``A = 16 / BITS``
+    codes of one token (dims ``A u .. A u + A - 1``). Row ``r`` holds code ``a`` of unit ``u``: the low
+    three bits of ``u`` are the low bits of ``r``, the next bit of ``r`` is bit 0 of ``a``, then the rest of
+    ``u``; at 4 bits the top bit of ``r`` is bit 1 of ``a``; at 2 bits the top bit is bit 1 of ``a`` and
+    the one below it bit 2. The mma A fragment keeps row bits 3 and 6 (of 128 rows) in one thread's
+    registers, so a thread unpacks two or all codes of each unit it loads from shared memory."""
     r = tl.arange(0, D)
     if BITS == 8:
         u = (r // 16) * 8 + r % 8
         return 2 * u + (r // 8) % 2
     rr = r % (D // 2)
-    u = (rr // 16) * 8 + rr % 8
-    return 4 * u + 2 * (r // (D // 2)) + (rr // 8) % 2
+    if BITS == 4:
+        u = (rr // 16) * 8 + rr % 8
+        return 4 * u + 2 * (r // (D // 2)) + (rr // 8) % 2
+    q = rr % (D // 4)
+    u = (q // 16) * 8 + q % 8
+    return 8 * u + 4 * (rr // (D // 4)) + 2 * (r // (D // 2)) + (q // 8) % 2
 
 
 @triton.jit
 def _vcodes(u, BITS: tl.constexpr, CT: tl.constexpr, ASM: tl.constexpr):
-    """Value units ``u`` ``[R, U]`` (int16 at 4 and 8 bits, u8 at 2) as transposed codes plus 1024 in CT,
+    """Value units ``u`` ``[R, U]`` (int16 of ``16 / BITS`` codes) as transposed codes plus 1024 in CT,
     ``[D, R]``, rows in :func:`_vperm_dims` order. They are the A operand of ``acc^T = V^T @ P``, whose
     register pairs run along the tokens: two tokens' units are combined into one int32 first (even token in
-    bits 0-15), so one shift and one logic op give a float16 pair again."""
+    bits 0-15; from shared memory one transposing ``ldmatrix`` does it), so one shift and one logic op give
+    a float16 pair again. At 2 bits the upper four codes of a unit are taken by a shift along a broadcast
+    axis that the layout may place on another warp (a fragment has room for two code bits per thread)."""
     R: tl.constexpr = u.shape[0]
     U: tl.constexpr = u.shape[1]
-    UM: tl.constexpr = 0xFF if BITS == 2 else 0xFFFF
-    u0, u1 = tl.split(tl.permute(tl.reshape(u.to(tl.int32) & UM, [R // 2, 2, U]), (0, 2, 1)))
+    u0, u1 = tl.split(tl.permute(tl.reshape(u.to(tl.int32) & 0xFFFF, [R // 2, 2, U]), (0, 2, 1)))
     t = tl.reshape(u0 | (u1 << 16), [R // 2, U // 8, 8])
     if BITS == 8:
         x = tl.join(_pairs(t, 0, BITS, ASM), _pairs(t, 1, BITS, ASM))
         x = tl.reshape(tl.permute(x, (1, 4, 2, 0, 3)), [2 * U, R])
-    else:
+    elif BITS == 4:
         x = tl.join(
             tl.join(_pairs(t, 0, BITS, ASM), _pairs(t, 1, BITS, ASM)),
             tl.join(_pairs(t, 2, BITS, ASM), _pairs(t, 3, BITS, ASM)),
         )
         x = tl.reshape(tl.permute(x, (5, 1, 4, 2, 0, 3)), [4 * U, R])
+    else:
+        t = t[:, :, :, None] >> (8 * tl.arange(0, 2))[None, None, None, :]
+        x = tl.join(
+            tl.join(_pairs(t, 0, BITS, ASM), _pairs(t, 1, BITS, ASM)),
+            tl.join(_pairs(t, 2, BITS, ASM), _pairs(t, 3, BITS, ASM)),
+        )
+        x = tl.reshape(tl.permute(x, (6, 3, 1, 5, 2, 0, 4)), [8 * U, R])
     if CT == tl.float16:  # noqa: SIM300
         return x.to(tl.int16).to(tl.float16, bitcast=True)
     return (x & 0xFF).to(CT)
@@ -239,7 +252,7 @@ def _tile_loop(
     qt = tl.trans(q)
     j = tl.arange(0, BLOCK_N)
     KW: tl.constexpr = D * KB // 32
-    VU: tl.constexpr = D // 2 if VB == 8 else D // 4
+    VU: tl.constexpr = D // (16 // VB)  # int16 units per token
     ik = tl.arange(0, KW)
     iv = tl.arange(0, VU)
     # float16 codes carry +1024 (see _codes); float32 ones (the interpreter) none: the offset would cost
@@ -259,12 +272,7 @@ def _tile_loop(
         vs = tl.load(afr + mb + 2 * PART, mask=nm, other=0.0)[:, None]
         vz = tl.load(afr + mb + 3 * PART, mask=nm, other=0.0)[:, None]
         kw = tl.load(a32r + off // 4 + (r * KW)[:, None] + ik[None, :], mask=nm[:, None], other=0)
-        if VB == 2:
-            vu = tl.load(a8r + (off + VOFF) + (r * VU)[:, None] + iv[None, :], mask=nm[:, None], other=0)
-        else:
-            vu = tl.load(
-                a16r + (off + VOFF) // 2 + (r * VU)[:, None] + iv[None, :], mask=nm[:, None], other=0
-            )
+        vu = tl.load(a16r + (off + VOFF) // 2 + (r * VU)[:, None] + iv[None, :], mask=nm[:, None], other=0)
         # codes carry +1024 (see _codes): q . (c + 1024) = q . c + 1024 sum(q), folded into the zero point
         ksq = ks * qscale
         s = tl.dot(_codes(kw, KB, CT, ASM), qt, input_precision=PREC)
@@ -551,19 +559,28 @@ def _attn_kernel(
     DT: tl.constexpr,
     PREC: tl.constexpr,
     ASM: tl.constexpr,
+    EDGE_FIRST: tl.constexpr,
 ):
-    """Every partial of a step in one launch (grid ``(B, Hkv, NUM_SPLITS + EDGE_SPLITS)``): the first
-    ``NUM_SPLITS`` programs of a (row, KV head) share the body chunks evenly and take each pair of ``PAIRS``
-    (4 bits per pair, ``log2(bits) - 1`` of the keys then of the values) in turn with :func:`_body_part`, so
-    a pair with no chunks costs a table scan, not programs or a launch; the other ``EDGE_SPLITS`` take the
-    sink, the window and every chunk the pairs leave with :func:`_edge_part`.
+    """Every partial of a step in one launch (grid ``(B, Hkv, NUM_SPLITS + EDGE_SPLITS)``): ``NUM_SPLITS``
+    programs of a (row, KV head) share the body chunks evenly and take each pair of ``PAIRS`` (4 bits per
+    pair, ``log2(bits) - 1`` of the keys then of the values) in turn with :func:`_body_part`, so a pair with
+    no chunks costs a table scan, not programs or a launch; the other ``EDGE_SPLITS`` take the sink, the
+    window and every chunk the pairs leave with :func:`_edge_part`. With EDGE_FIRST the edge programs come
+    first in launch order (they are short: run beside the body's first wave, not after its last).
     """
     b = tl.program_id(0)
     h = tl.program_id(1)
     z = tl.program_id(2)
-    if z >= NUM_SPLITS:
+    if EDGE_FIRST:
+        is_edge = z < EDGE_SPLITS
+        ez = z
+        z = z - EDGE_SPLITS
+    else:
+        is_edge = z >= NUM_SPLITS
+        ez = z - NUM_SPLITS
+    if is_edge:
         _edge_part(
-            b, h, z - NUM_SPLITS, q_ptr, a8, a16, a32, af, table, state, lengths, ks_ptr, part_acc, part_ml,
+            b, h, ez, q_ptr, a8, a16, a32, af, table, state, lengths, ks_ptr, part_acc, part_ml,
             ROW_BYTES, qk_scale, HQ, HKV, D, GS, G, N_SINK, NW, SB, WB, WIN_OFF, EDGE_SPLITS, NP * NUM_SPLITS,
             SLOTS, RUNB, WPER, FAST_MASK, HAS_KS, BLOCK_M, EBLOCK_N, DT, PREC,
         )  # fmt: skip
@@ -754,7 +771,8 @@ def decode_attention(
     native = not interp or os.environ.get("PMKVQ_INTERPRET_NATIVE_DT") == "1"  # tests: fp16 tiles on the CPU
     dt = tl.float32 if (not native or q.dtype == torch.float32) else _DT[q.dtype]
     prec = "ieee" if dt == tl.float32 else "tf32"
-    # tuning knobs (benchmarks sweep them): "BLOCK_N,num_warps,num_stages[,maxnreg]" of the attention launch;
+    # tuning knobs (benchmarks sweep them): "BLOCK_N,num_warps,num_stages[,maxnreg[,edge_first]]" of the
+    # attention launch (maxnreg 0: no cap);
     # 128-token tiles by default (measured on an H200: 94 us against 110 for 64 at B8 x 32k, 4 bits)
     cfg = [int(x) for x in os.environ.get("PMKVQ_DECODE_CFG", "").split(",") if x]
     block_n, warps, stages = cfg[:3] if cfg else (128 if lay.n_window >= 128 else 64, 4, 3)
@@ -764,6 +782,7 @@ def decode_attention(
     # registers per thread: capped at 168 on the GPU so that three programs share a multiprocessor
     nreg = cfg[3] if len(cfg) > 3 else (168 if q.is_cuda else 0)
     extra = {"maxnreg": nreg} if nreg > 0 else {}
+    edge_first = cfg[4] != 0 if len(cfg) > 4 else True
     if pairs is None:
         pairs = fast_pairs(lay)
     # the edge work (sink, window slices, chunks no pair takes) gets one program per 16-token window slice
@@ -786,7 +805,7 @@ def decode_attention(
         RUNB=max(16, triton.next_power_of_2(-(-(lay.max_chunks + 2) // edge_splits))),
         WPER=16 * -(-lay.n_window // (16 * edge_splits)), PAIRS=code, NP=len(pairs),
         FAST_MASK=sum(_pair_bit(*p) for p in pairs), HAS_KS=has_ks, BLOCK_M=block_m, BLOCK_N=block_n,
-        EBLOCK_N=16, CT=tl.float32 if dt == tl.float32 else tl.float16, DT=dt, PREC=prec, ASM=not interp,
+        EBLOCK_N=16, CT=tl.float32 if dt == tl.float32 else tl.float16, DT=dt, PREC=prec, ASM=not interp, EDGE_FIRST=edge_first,
         num_warps=warps,
         num_stages=stages, **extra,
     )  # fmt: skip

@@ -115,6 +115,43 @@ def test_decode_float16_tiles_in_the_interpreter(bits, value_bits, max_len, monk
     torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("native", [False, True] if DEVICE == "cpu" else [False])
+@pytest.mark.parametrize("bits,value_bits", [(4, 4), (4, 2), (2, 2), (8, 8)])
+def test_decode_head_dim_128(bits, value_bits, native, monkeypatch) -> None:
+    """Head dim 128 (the benchmark's geometry): the value codes' row order (_vperm_dims) differs from head
+    dim 64's in where the code bits sit; both the float32 and the GPU's float16 path against the reference."""
+    if native:
+        monkeypatch.setenv("PMKVQ_INTERPRET_NATIVE_DT", "1")
+    lay = small_layout(hkv=1, d=128, group=128, bits=bits, value_bits=value_bits, max_len=40)
+    arena, state, table = filled_cache(lay, 2, [17, 12, 12], seed=13)
+    assert any(max(r[1:]) <= 8 for r in table[: int(state[2])].tolist()), "no body chunk for the pairs"
+    n = int(state[0])
+    lengths = torch.tensor([n, n - 7], dtype=torch.int32, device=DEVICE)
+    g = torch.Generator().manual_seed(17)
+    q, kn, vn = _step_inputs(lay, 2, torch.float16, g)
+    args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), 128**-0.5)
+    want = ref.decode_attention(*args, 2)
+    got = kernel.decode_attention(*args, 2)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
+
+
+def test_decode_edge_programs_first_or_last(monkeypatch) -> None:
+    """The launch order of the edge programs (``PMKVQ_DECODE_CFG``'s fifth knob) changes which program takes
+    which partial, not the partials: both orders give the same bits, and match the reference."""
+    lay = small_layout(bits=4, value_bits=2, max_len=60, group=64)
+    arena, state, table = filled_cache(lay, 2, [17, 12, 12, 6], seed=19)
+    n = int(state[0])
+    lengths = torch.tensor([n, n - 11], dtype=torch.int32, device=DEVICE)
+    q, kn, vn = _step_inputs(lay, 2, torch.float32, torch.Generator().manual_seed(23))
+    args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), 0.125, 3)
+    outs = []
+    for first in (1, 0):
+        monkeypatch.setenv("PMKVQ_DECODE_CFG", f"64,4,3,0,{first}")
+        outs.append(kernel.decode_attention(*args))
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], ref.decode_attention(*args), atol=2e-5, rtol=2e-5)
+
+
 def test_decode_refuses_small_tiles(monkeypatch) -> None:
     """``PMKVQ_DECODE_CFG`` with a tile below 64 tokens is refused by name, before anything is launched."""
     monkeypatch.setenv("PMKVQ_DECODE_CFG", "32,4,3")
