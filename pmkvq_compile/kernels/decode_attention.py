@@ -85,6 +85,15 @@ def _pairs(w, a: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _as_ct(x, CT: tl.constexpr):
+    """int32 halves from :func:`_pairs` (``0x6400 | c``) as codes in CT: in float16 the bits themselves (the
+    half ``1024 + c``, exact, no int-to-float conversion), in float32 the plain code ``c``."""
+    if CT == tl.float16:  # noqa: SIM300
+        return x.to(tl.int16).to(tl.float16, bitcast=True)
+    return (x & 0xFF).to(CT)
+
+
+@triton.jit
 def _codes(w, BITS: tl.constexpr, CT: tl.constexpr, ASM: tl.constexpr):
     """Int32 words ``w`` ``[R, W]`` (``W = D * BITS / 32``) as ``[R, D]`` codes plus 1024 in CT, columns in
     :func:`_perm_dims` order. Each code is exact: in float16 ``0x6400 | c`` is the half ``1024 + c``, so no
@@ -113,9 +122,7 @@ def _codes(w, BITS: tl.constexpr, CT: tl.constexpr, ASM: tl.constexpr):
         )
         x = tl.permute(x, (0, 5, 4, 3, 1, 2))
     x = tl.reshape(x, [R, 32 * W // BITS])
-    if CT == tl.float16:  # noqa: SIM300
-        return x.to(tl.int16).to(tl.float16, bitcast=True)
-    return (x & 0xFF).to(CT)
+    return _as_ct(x, CT)
 
 
 @triton.jit
@@ -167,9 +174,7 @@ def _vcodes(u, BITS: tl.constexpr, CT: tl.constexpr, ASM: tl.constexpr):
             tl.join(_pairs(t, 2, BITS, ASM), _pairs(t, 3, BITS, ASM)),
         )
         x = tl.reshape(tl.permute(x, (6, 3, 1, 5, 2, 0, 4)), [8 * U, R])
-    if CT == tl.float16:  # noqa: SIM300
-        return x.to(tl.int16).to(tl.float16, bitcast=True)
-    return (x & 0xFF).to(CT)
+    return _as_ct(x, CT)
 
 
 @triton.jit
@@ -191,7 +196,6 @@ def _tile_loop(
     m_i,
     l_i,
     acc,
-    a8r,
     a16r,
     a32r,
     afr,
@@ -318,7 +322,6 @@ def _body_part(
     h,
     split,
     q_ptr,
-    a8,
     a16,
     a32,
     af,
@@ -399,7 +402,7 @@ def _body_part(
             if mine:
                 m_i, l_i, acc = _tile_loop(
                     q_ptr, b * HQ + heads, rmask, ks_ptr, qk_scale, m_i, l_i, acc,
-                    a8 + row0, a16 + row0 // 2, a32 + row0 // 4, af + row0 // 4, off, c, c_next, N_SINK,
+                    a16 + row0 // 2, a32 + row0 // 4, af + row0 // 4, off, c, c_next, N_SINK,
                     length, h, KB, VB, NW, HKV, D, HAS_KS, BLOCK_N, CT, PREC, ASM,
                 )  # fmt: skip
             c = c_next
@@ -588,7 +591,7 @@ def _attn_kernel(
     else:
         for k in tl.static_range(NP):
             _body_part(
-                b, h, z, q_ptr, a8, a16, a32, af, table, state, lengths, ks_ptr, part_acc, part_ml,
+                b, h, z, q_ptr, a16, a32, af, table, state, lengths, ks_ptr, part_acc, part_ml,
                 ROW_BYTES, qk_scale, HQ, HKV, D, N_SINK, NW, 2 << ((PAIRS >> (4 * k + 2)) & 3),
                 2 << ((PAIRS >> (4 * k)) & 3), NUM_SPLITS, k * NUM_SPLITS, SLOTS, TB, HAS_KS, BLOCK_M,
                 BLOCK_N, CT, PREC, ASM,
