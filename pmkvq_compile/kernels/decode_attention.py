@@ -672,8 +672,8 @@ _DT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 def default_num_splits(batch: int, num_kv_heads: int, max_segments: int, sm_count: int = 132) -> int:
     """Splits so that about three body programs run per multiprocessor (the launch caps registers at 168 per
     thread, so three fit), each taking at least four chunks, from static shapes only (measured on an H200
-    at 32k tokens, 4 bits: B8 12 splits 68.5 us against 88.7 for 8; B1 66 splits 17.7 us against 19.3
-    for 99)."""
+    at 32k tokens, 4 bits: B8 12 splits 68.5 us against 88.7 for 8; at B1 the four-chunk floor gives 64
+    splits, 19.4 us, where 99 took 19.3 and 66 took 17.2-17.7)."""
     want = max(1, (3 * sm_count) // max(batch * num_kv_heads, 1))
     return int(max(1, min(want, max_segments // 4, 128)))
 
@@ -777,11 +777,11 @@ def decode_attention(
     prec = "ieee" if dt == tl.float32 else "tf32"
     # tuning knobs (benchmarks sweep them): "BLOCK_N,num_warps,num_stages[,maxnreg[,edge_first]]" of the
     # attention launch (maxnreg 0: no cap);
-    # 128-token tiles by default (measured on an H200: 94 us against 110 for 64 at B8 x 32k, 4 bits)
+    # 128-token tiles by default (measured on an H200 at B8 x 32k, 4 bits; RESULTS.md has the sweep)
     cfg = [int(x) for x in os.environ.get("PMKVQ_DECODE_CFG", "").split(",") if x]
     block_n, warps, stages = cfg[:3] if cfg else (128 if lay.n_window >= 128 else 64, 4, 3)
     if block_n < 64 or block_n & (block_n - 1):
-        # smaller tiles leave the wgmma path, and gave wrong results on the GPU (triton 3.6)
+        # 16-token tiles gave wrong results on the GPU (triton 3.6) where the interpreter agreed
         raise ValueError(f"PMKVQ_DECODE_CFG: BLOCK_N must be a power of two >= 64, got {block_n}")
     # registers per thread: capped at 168 on the GPU so that three programs share a multiprocessor
     nreg = cfg[3] if len(cfg) > 3 else (168 if q.is_cuda else 0)
