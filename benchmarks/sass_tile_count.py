@@ -1,0 +1,102 @@
+"""Instructions per tile of the decode kernel's body loop, from an offline compile (no GPU needed).
+
+Compiles ``_attn_kernel`` for sm_90a at the benchmark's geometry (Hq=28, Hkv=4, D=128, 1 sink token, a
+128-token window) with the given bit pairs and launch knobs, assembles it with Triton's bundled ``ptxas``,
+disassembles it with ``cuobjdump`` and prints, for the innermost loop that holds the tile's mma
+instructions, its length (instructions per warp and tile) and an opcode histogram, plus registers and
+spills. RESULTS.md's per-tile counts come from this program run with triton 3.6 (the GPU's version), e.g.::
+
+    pip install --target /tmp/t36 --no-deps triton==3.6.0
+    PYTHONPATH=/tmp/t36 python benchmarks/sass_tile_count.py --pairs 4,4 --maxnreg 168
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from pmkvq_compile.kernels import decode_attention as dk
+
+
+def compile_attn(pairs, block_n, warps, stages, maxnreg, block_m, d=128, hq=28, hkv=4):
+    code = sum(
+        ((kb.bit_length() - 2) * 4 + vb.bit_length() - 2) << (4 * k) for k, (kb, vb) in enumerate(pairs)
+    )
+    sig = {"q_ptr": "*fp16", "a8": "*u8", "a16": "*i16", "a32": "*i32", "af": "*fp32", "table": "*i32",
+           "state": "*i32", "lengths": "*i32", "ks_ptr": "*fp16", "part_acc": "*fp32", "part_ml": "*fp32",
+           "ROW_BYTES": "i32", "qk_scale": "fp32"}  # fmt: skip
+    const = dict(
+        HQ=hq, HKV=hkv, D=d, GS=d, G=1, N_SINK=1, NW=128, SB=16, WB=16, WIN_OFF=2112, NUM_SPLITS=12,
+        EDGE_SPLITS=8, SLOTS=12 * len(pairs) + 8, TB=512, RUNB=64, WPER=16, PAIRS=code, NP=len(pairs),
+        FAST_MASK=sum(dk._pair_bit(*p) for p in pairs), HAS_KS=False, BLOCK_M=block_m, BLOCK_N=block_n,
+        EBLOCK_N=16, CT=tl.float16, DT=tl.float16, PREC="tf32", ASM=True, EDGE_FIRST=False,
+    )  # fmt: skip
+    const = {n: v for n, v in const.items() if n in dk._attn_kernel.arg_names}  # older revisions lack some
+    sig.update({n: "constexpr" for n in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(12)}
+    opts = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    src = ASTSource(fn=dk._attn_kernel, signature=sig, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+def tile_loop(sass: str) -> list[str]:
+    """The shortest backward-branch loop holding >= 32 mma instructions (the body's tile loop)."""
+    lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
+    at = {a: i for i, (a, _) in enumerate(lines)}
+    loops = []
+    for i, (a, ins) in enumerate(lines):
+        m = re.search(r"BRA.*0x([0-9a-f]+)\s*$", ins)
+        if m and int(m.group(1), 16) < a and int(m.group(1), 16) in at:
+            loops.append((i - at[int(m.group(1), 16)], at[int(m.group(1), 16)], i))
+    for _, s, e in sorted(loops):
+        body = [ins for _, ins in lines[s : e + 1]]
+        if sum("MMA" in ins for ins in body) >= 32:
+            return body
+    raise RuntimeError("no loop with the tile's mma instructions found")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", default="4,4", help='bit pairs "kb,vb;kb,vb" the body programs take')
+    ap.add_argument("--block-n", type=int, default=128)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--maxnreg", type=int, default=168, help="0: no cap")
+    ap.add_argument("--block-m", type=int, default=8, help="query heads padded to this many columns")
+    a = ap.parse_args()
+    pairs = [tuple(int(x) for x in p.split(",")) for p in a.pairs.split(";")]
+    c = compile_attn(pairs, a.block_n, a.warps, a.stages, a.maxnreg, a.block_m)
+    nv = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(c.asm["ptx"])
+        r = subprocess.run(
+            [f"{nv}/ptxas", "-arch=sm_90a", "-v", ptx, "-o", cubin], capture_output=True, text=True
+        )
+        sass = subprocess.run([f"{nv}/cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
+    body = tile_loop(sass)
+    hist = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0].split(".")[0] for ins in body)
+    print(f"triton {triton.__version__}, pairs {pairs}, BLOCK_N {a.block_n}, warps {a.warps}, stages "
+          f"{a.stages}, maxnreg {a.maxnreg}, BLOCK_M {a.block_m}")  # fmt: skip
+    print(
+        " ".join(re.findall(r"Used \d+ registers|\d+ bytes spill stores", r.stderr)),
+        f"smem {c.metadata.shared}",
+    )
+    moves = sum(bool(re.match(r"(@!?U?P\w+\s+)?(IMAD\.MOV|MOV)\b", ins)) for ins in body)
+    print(
+        f"tile loop: {len(body)} instructions per warp ({moves} register moves); {dict(hist.most_common())}"
+    )
+
+
+if __name__ == "__main__":
+    main()
