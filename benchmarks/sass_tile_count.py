@@ -1,7 +1,7 @@
 """Instructions per tile of the decode kernel's body loop, from an offline compile (no GPU needed).
 
-Compiles ``_attn_kernel`` for sm_90a at the benchmark's geometry (Hq=28, Hkv=4, D=128, 1 sink token, a
-128-token window) with the given bit pairs and launch knobs, assembles it with Triton's bundled ``ptxas``,
+Compiles ``_attn_kernel`` for sm_90a at the benchmark's geometry by default (Hq=28, Hkv=4, D=128, 1 sink
+token, a 128-token window) with the given bit pairs and launch knobs, assembles it with Triton's bundled ``ptxas``,
 disassembles it with ``cuobjdump`` and prints, for the innermost loop that holds the tile's mma
 instructions, its length (instructions per warp and tile) and an opcode histogram, plus registers and
 spills. RESULTS.md's per-tile counts come from this program run with triton 3.6 (the GPU's version), e.g.::
@@ -49,19 +49,21 @@ def compile_attn(pairs, block_n, warps, stages, maxnreg, block_m, d=128, hq=28, 
 
 
 def tile_loop(sass: str) -> list[str]:
-    """The shortest backward-branch loop holding >= 32 mma instructions (the body's tile loop)."""
+    """The backward-branch loop with the most mma instructions, the shortest of those (the body's tile loop:
+    loops around it hold the same mma instructions and more)."""
     lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
     at = {a: i for i, (a, _) in enumerate(lines)}
-    loops = []
+    best: tuple[int, int, list[str]] | None = None
     for i, (a, ins) in enumerate(lines):
         m = re.search(r"BRA.*0x([0-9a-f]+)\s*$", ins)
         if m and int(m.group(1), 16) < a and int(m.group(1), 16) in at:
-            loops.append((i - at[int(m.group(1), 16)], at[int(m.group(1), 16)], i))
-    for _, s, e in sorted(loops):
-        body = [ins for _, ins in lines[s : e + 1]]
-        if sum("MMA" in ins for ins in body) >= 32:
-            return body
-    raise RuntimeError("no loop with the tile's mma instructions found")
+            body = [x for _, x in lines[at[int(m.group(1), 16)] : i + 1]]
+            key = (sum("MMA" in x for x in body), -len(body))
+            if best is None or key > best[:2]:
+                best = (*key, body)
+    if best is None or best[0] == 0:
+        raise RuntimeError("no loop with mma instructions found")
+    return best[2]
 
 
 def main() -> None:
@@ -72,9 +74,12 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--maxnreg", type=int, default=168, help="0: no cap")
     ap.add_argument("--block-m", type=int, default=8, help="query heads padded to this many columns")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--hq", type=int, default=28)
+    ap.add_argument("--hkv", type=int, default=4)
     a = ap.parse_args()
     pairs = [tuple(int(x) for x in p.split(",")) for p in a.pairs.split(";")]
-    c = compile_attn(pairs, a.block_n, a.warps, a.stages, a.maxnreg, a.block_m)
+    c = compile_attn(pairs, a.block_n, a.warps, a.stages, a.maxnreg, a.block_m, a.head_dim, a.hq, a.hkv)
     nv = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
