@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--hq", type=int, default=28)
     ap.add_argument("--hkv", type=int, default=4)
+    ap.add_argument("--dump", help="write the tile loop's SASS to this file")
     a = ap.parse_args()
     pairs = [tuple(int(x) for x in p.split(",")) for p in a.pairs.split(";")]
     c = compile_attn(pairs, a.block_n, a.warps, a.stages, a.maxnreg, a.block_m, a.head_dim, a.hq, a.hkv)
@@ -90,6 +91,9 @@ def main() -> None:
         )
         sass = subprocess.run([f"{nv}/cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
     body = tile_loop(sass)
+    if a.dump:
+        with open(a.dump, "w") as f:
+            f.write("\n".join(body) + "\n")
     hist = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0].split(".")[0] for ins in body)
     print(f"triton {triton.__version__}, pairs {pairs}, BLOCK_N {a.block_n}, warps {a.warps}, stages "
           f"{a.stages}, maxnreg {a.maxnreg}, BLOCK_M {a.block_m}")  # fmt: skip
