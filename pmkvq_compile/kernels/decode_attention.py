@@ -70,11 +70,14 @@ def _perm_dims(BITS: tl.constexpr, D: tl.constexpr):
 @triton.jit
 def _pairs(w, a: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
     """Codes ``a`` and ``a + 16/BITS`` of int32 words ``w`` ``[R, W]`` (bits 0-15 and 16-31 hold codes
-    ``0..16/BITS-1`` and ``16/BITS..``) as ``[R, W, 2]`` int32, with ``0x6400`` or'ed in: one shift and one
-    three-input logic op (``(x & mask) | 0x64006400``; with ASM an explicit ``lop3``, which ptxas does not
-    form from the and/or pair by itself) give both halves of a float16 pair."""
-    M2: tl.constexpr = ((1 << BITS) - 1) * 0x10001
-    x = w >> (BITS * a) if a > 0 else w
+    ``0..16/BITS-1`` and ``16/BITS..``) as ``[R, W, 2]`` int32 float16 pairs ``1024 + c * 2^(BITS * j)``,
+    ``j`` the code's place in its byte (:func:`_code_scale`): a code is masked where it lies in its byte,
+    with ``0x6400`` or'ed in, so only a code in the upper byte of a half needs a shift (one per word, shared
+    by that byte's codes), and one three-input logic op gives both halves of a float16 pair (``(x & mask) |
+    0x64006400``; with ASM an explicit ``lop3``, which ptxas does not form from the and/or pair itself)."""
+    CPB: tl.constexpr = 8 // BITS
+    M2: tl.constexpr = (((1 << BITS) - 1) << (BITS * (a % CPB))) * 0x10001
+    x = w >> (8 * (a // CPB)) if a >= CPB else w
     if ASM:
         x = tl.inline_asm_elementwise(
             f"lop3.b32 $0, $1, {M2}, 1677747200, 234;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1
@@ -86,18 +89,28 @@ def _pairs(w, a: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
 
 @triton.jit
 def _as_ct(x, CT: tl.constexpr):
-    """int32 halves from :func:`_pairs` (``0x6400 | c``) as codes in CT: in float16 the bits themselves (the
-    half ``1024 + c``, exact, no int-to-float conversion), in float32 the plain code ``c``."""
+    """int32 halves from :func:`_pairs` (``0x6400 | x``, ``x`` a code times its place factor) as codes in CT:
+    in float16 the bits themselves (the half ``1024 + x``, exact, no int-to-float conversion), in float32
+    the plain ``x``."""
     if CT == tl.float16:  # noqa: SIM300
         return x.to(tl.int16).to(tl.float16, bitcast=True)
     return (x & 0xFF).to(CT)
 
 
 @triton.jit
+def _code_scale(a, BITS: tl.constexpr):
+    """``2^-(BITS * j)`` for code index ``a`` (within a 16-bit half) whose place in its byte is ``j``: the
+    factor that undoes :func:`_pairs`'s in-place masking."""
+    CPB: tl.constexpr = 8 // BITS
+    return 1.0 / (1 << (BITS * (a % CPB))).to(tl.float32)
+
+
+@triton.jit
 def _codes(w, BITS: tl.constexpr, CT: tl.constexpr, ASM: tl.constexpr):
-    """Int32 words ``w`` ``[R, W]`` (``W = D * BITS / 32``) as ``[R, D]`` codes plus 1024 in CT, columns in
-    :func:`_perm_dims` order. Each code is exact: in float16 ``0x6400 | c`` is the half ``1024 + c``, so no
-    int-to-float conversion is needed."""
+    """Int32 words ``w`` ``[R, W]`` (``W = D * BITS / 32``) as ``[R, D]`` codes in CT, columns in
+    :func:`_perm_dims` order, each times its place factor (:func:`_pairs`; :func:`_code_scale` undoes it) and
+    plus 1024 in float16. Each code is exact: in float16 ``0x6400 | x`` is the half ``1024 + x`` for ``x <
+    1024``, so no int-to-float conversion is needed."""
     R: tl.constexpr = w.shape[0]
     W: tl.constexpr = w.shape[1]
     if BITS == 8:
@@ -248,23 +261,27 @@ def _tile_loop(
     q = tl.load(qp, mask=rmask[:, None], other=0.0).to(tl.float32) * qk_scale
     if HAS_KS:
         q = q * tl.load(ks_ptr + h * (D // 2) + dk % (D // 2))[None, :]
+    OFS: tl.constexpr = 1024.0 if CT == tl.float16 else 0.0  # noqa: SIM300
     qscale = 1.0
     if CT == tl.float16:  # noqa: SIM300
         qmax = tl.max(tl.max(tl.abs(q), 1), 0)
         qscale = tl.math.exp2(tl.maximum(tl.ceil(tl.math.log2(tl.maximum(qmax, 1e-30))) - 14.0, 0.0))
-    q = (q / qscale).to(CT)
-    qsum = tl.sum(q.to(tl.float32), axis=1)
+    q = (q / qscale).to(CT).to(tl.float32)
+    qsum = tl.sum(q, axis=1)
+    # the key codes come scaled by 2^(KB j) (_pairs); the queries take the inverse, a power of two (exact)
+    q = (q * _code_scale((tl.arange(0, D) // (D * KB // 16)), KB)[None, :]).to(CT)
     qt = tl.trans(q)
+    # float16 codes carry +1024 (see _codes): q . (c + 1024) = q . c + 1024 sum(q), subtracted by starting
+    # the scores' accumulator there; float32 ones (the interpreter) carry no offset
+    s0 = tl.zeros([BLOCK_N, acc.shape[1]], tl.float32) - OFS * tl.sum(q.to(tl.float32), axis=1)[None, :]
     j = tl.arange(0, BLOCK_N)
     KW: tl.constexpr = D * KB // 32
     VU: tl.constexpr = D // (16 // VB)  # int16 units per token
     ik = tl.arange(0, KW)
     iv = tl.arange(0, VU)
-    # float16 codes carry +1024 (see _codes); float32 ones (the interpreter) none: the offset would cost
-    # float32 accuracy there
-    OFS: tl.constexpr = 1024.0 if CT == tl.float16 else 0.0  # noqa: SIM300
     lt = tl.zeros([BLOCK_N, acc.shape[1]], tl.float32)
     zt = tl.zeros([BLOCK_N, acc.shape[1]], tl.float32)
+    st = tl.zeros([BLOCK_N, acc.shape[1]], tl.float32)
     for t in range(c_begin * TPC, c_end * TPC):
         ci = t // TPC
         n = (t % TPC) * BLOCK_N + j
@@ -278,22 +295,24 @@ def _tile_loop(
         vz = tl.load(afr + mb + 3 * PART, mask=nm, other=0.0)[:, None]
         kw = tl.load(a32r + off // 4 + (r * KW)[:, None] + ik[None, :], mask=nm[:, None], other=0)
         vu = tl.load(a16r + (off + VOFF) // 2 + (r * VU)[:, None] + iv[None, :], mask=nm[:, None], other=0)
-        # codes carry +1024 (see _codes): q . (c + 1024) = q . c + 1024 sum(q), folded into the zero point
-        ksq = ks * qscale
-        s = tl.dot(_codes(kw, KB, CT, ASM), qt, input_precision=PREC)
-        s = tl.where(nm[:, None], s * ksq - ((kz + OFS * ks) * qscale) * qsum[None, :], float("-inf"))
+        s = tl.dot(_codes(kw, KB, CT, ASM), qt, acc=s0, input_precision=PREC)
+        s = tl.where(nm[:, None], s * (ks * qscale) - (kz * qscale) * qsum[None, :], float("-inf"))
         m_new, m_safe, alpha = _raise_max(m_i, tl.max(s, axis=0))
         p = tl.math.exp2(s - m_safe[None, :])
         l_i = l_i * alpha
         lt = lt * alpha[None, :] + p
         pv = (p * vs).to(CT)
-        # likewise sum_n pv_n (c_n + 1024) - (1024 pv_n + p_n z_n), with the rounded pv
-        zt = zt * alpha[None, :] + p * vz + OFS * pv.to(tl.float32)
+        # acc rows d get sum_n pv_n (c_n 2^(VB j_d) + 1024): the zero points' sum_n p_n z_n and the rounded
+        # pv's sum (for the offset) are kept apart, the place factor comes off at the end
+        zt = zt * alpha[None, :] + p * vz
+        st = st * alpha[None, :] + pv.to(tl.float32)
         m_i = m_new
         acc = acc * alpha[None, :] + tl.dot(_vcodes(vu, VB, CT, ASM), pv, input_precision=PREC)
     l_i += tl.sum(lt, axis=0)
     z = tl.sum(zt, axis=0)[None, :]
-    return m_i, l_i, acc - z
+    sv = tl.sum(st, axis=0)[None, :]
+    rs = _code_scale(_vperm_dims(VB, D) % (16 // VB), VB)[:, None]
+    return m_i, l_i, (acc - OFS * sv) * rs - z
 
 
 @triton.jit
