@@ -672,10 +672,14 @@ def _merge_kernel(
     for s0 in range(0, NUM_SPLITS, SPLIT_P2):
         sp = s0 + tl.arange(0, SPLIT_P2)
         smask = sp < NUM_SPLITS
+        # every load is issued at once (an accumulator load masked by its slot's l would wait for l); the
+        # accumulator of an empty slot may be any bits, so it is selected away, not multiplied by 0
         ls = tl.load(part_ml + (base + sp) * 2 + 1, mask=smask, other=0.0)
+        ms = tl.load(part_ml + (base + sp) * 2, mask=smask, other=float("-inf"))
+        acc = tl.load(part_acc + (base + sp)[:, None] * D + od[None, :], mask=smask[:, None], other=0.0)
         used = smask & (ls > 0.0)
-        ms = tl.load(part_ml + (base + sp) * 2, mask=used, other=float("-inf"))
-        acc = tl.load(part_acc + (base + sp)[:, None] * D + od[None, :], mask=used[:, None], other=0.0)
+        ms = tl.where(used, ms, float("-inf"))
+        acc = tl.where(used[:, None], acc, 0.0)
         m_new, m_safe, alpha = _raise_max(mx, tl.max(ms, axis=0))
         w = tl.where(used, tl.math.exp2(ms - m_safe), 0.0)
         num = num * alpha + tl.sum(acc * w[:, None], axis=0)
