@@ -228,6 +228,7 @@ def _tile_loop(
     CT: tl.constexpr,
     PREC: tl.constexpr,
     ASM: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Regions ``c_begin..c_end`` of capacity ``CAP``, all at ``KB``/``VB`` <= 8 bits with one group per head,
     stored back to back from byte ``off0`` (region ``c`` holds tokens from ``tok0 + c * CAP``). Tile by
@@ -283,7 +284,7 @@ def _tile_loop(
     lt = tl.zeros([BLOCK_N, acc.shape[1]], tl.float32)
     zt = tl.zeros([BLOCK_N, acc.shape[1]], tl.float32)
     st = tl.zeros([BLOCK_N, acc.shape[1]], tl.float32)
-    for t in range(c_begin * TPC, c_end * TPC):
+    for t in tl.range(c_begin * TPC, c_end * TPC, num_stages=STAGES):
         ci = t // TPC
         n = (t % TPC) * BLOCK_N + j
         nm = (n < CAP) & (tok0 + ci * CAP + n < length)
@@ -385,6 +386,7 @@ def _body_part(
     CT: tl.constexpr,
     PREC: tl.constexpr,
     ASM: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """The body chunks at (KB, VB) bits of one (row, KV head), divided evenly over ``NUM_SPLITS`` programs.
 
@@ -439,6 +441,7 @@ def _body_part(
                     q_ptr, b * HQ + heads, rmask, ks_ptr, qk_scale, m_i, l_i, acc,
                     a16 + row0 // 2, a32 + row0 // 4, af + row0 // 4, off, c, c_next, N_SINK,
                     length, h, KB, VB, NW, HKV, D, HAS_KS, BLOCK_N, CT, PREC, ASM,
+                    STAGES if STAGES > 0 else (3 if KB + VB <= 4 else 2),
                 )  # fmt: skip
             c = c_next
         # the (transposed) accumulator's rows are in _vperm_dims order of the value bits
@@ -599,6 +602,7 @@ def _attn_kernel(
     PREC: tl.constexpr,
     ASM: tl.constexpr,
     EDGE_FIRST: tl.constexpr,
+    BODY_STAGES: tl.constexpr,
 ):
     """Every partial of a step in one launch (grid ``(B, Hkv, NUM_SPLITS + EDGE_SPLITS)``): ``NUM_SPLITS``
     programs of a (row, KV head) share the body chunks evenly and take each pair of ``PAIRS`` (4 bits per
@@ -629,7 +633,7 @@ def _attn_kernel(
                 b, h, z, q_ptr, a16, a32, af, table, state, lengths, ks_ptr, part_acc, part_ml,
                 ROW_BYTES, qk_scale, HQ, HKV, D, N_SINK, NW, 2 << ((PAIRS >> (4 * k + 2)) & 3),
                 2 << ((PAIRS >> (4 * k)) & 3), NUM_SPLITS, k * NUM_SPLITS, SLOTS, TB, HAS_KS, BLOCK_M,
-                BLOCK_N, CT, PREC, ASM,
+                BLOCK_N, CT, PREC, ASM, BODY_STAGES,
             )  # fmt: skip
             # the next pair's pipeline reuses this one's shared memory
             tl.debug_barrier()
@@ -815,10 +819,13 @@ def decode_attention(
     dt = tl.float32 if (not native or q.dtype == torch.float32) else _DT[q.dtype]
     prec = "ieee" if dt == tl.float32 else "tf32"
     # tuning knobs (benchmarks sweep them): "BLOCK_N,num_warps,num_stages[,maxnreg[,edge_first]]" of the
-    # attention launch (maxnreg 0: no cap);
-    # 128-token tiles by default (measured on an H200 at B8 x 32k, 4 bits; RESULTS.md has the sweep)
+    # attention launch (maxnreg 0: no cap; num_stages given here holds for the body loops too);
+    # 128-token tiles by default (measured on an H200 at B8 x 32k, 4 bits; RESULTS.md has the sweep). By
+    # default the body loops pipeline 3 tiles deep at 2-bit pairs and 2 deep at wider ones (measured on an
+    # H100: 4 bits 69.4 vs 73.0 us, 2 bits 57.3 vs 50.4 us for 2 vs 3 stages kernel-wide)
     cfg = [int(x) for x in os.environ.get("PMKVQ_DECODE_CFG", "").split(",") if x]
     block_n, warps, stages = cfg[:3] if cfg else (128 if lay.n_window >= 128 else 64, 4, 3)
+    body_stages = stages if cfg else 0
     if block_n < 64 or block_n & (block_n - 1):
         # 16-token tiles gave wrong results on the GPU (triton 3.6) where the interpreter agreed
         raise ValueError(f"PMKVQ_DECODE_CFG: BLOCK_N must be a power of two >= 64, got {block_n}")
@@ -849,7 +856,7 @@ def decode_attention(
         WPER=16 * -(-lay.n_window // (16 * edge_splits)), PAIRS=code, NP=len(pairs),
         FAST_MASK=sum(_pair_bit(*p) for p in pairs), HAS_KS=has_ks, BLOCK_M=block_m, BLOCK_N=block_n,
         EBLOCK_N=16, CT=tl.float32 if dt == tl.float32 else tl.float16, DT=dt, PREC=prec, ASM=not interp, EDGE_FIRST=edge_first,
-        num_warps=warps,
+        BODY_STAGES=body_stages, num_warps=warps,
         num_stages=stages, **extra,
     )  # fmt: skip
     block_d = min(32, d)
