@@ -1,0 +1,90 @@
+"""A/B of two revisions of the decode kernel in one run: an old copy of ``decode_attention.py`` against the tree's.
+
+Each case builds one cache (Qwen2-7B geometry as in :mod:`bench_decode_attention`, 32768 tokens) and times
+the old module's launcher, then every tree configuration of ``--cfgs`` (``"PMKVQ_DECODE_CFG@programs per
+SM"``, ``@0`` the defaults; e.g. ``"@0;128,4,2,168@3"``) in ``--rounds`` rounds, then the old one again;
+each tree output is checked against the old one's (max |diff| < 2e-2). Prints CUDA-graph medians in us and
+the fp16 SDPA time of the same shapes. GPU only::
+
+    git show <rev>:pmkvq_compile/kernels/decode_attention.py > /tmp/old_decode_attention.py
+    python benchmarks/ab_decode_attention.py --old /tmp/old_decode_attention.py --cfgs "@0;128,4,2,168@3"
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_decode_attention import HKV, HQ, NW, D, graph_ms, make_cache, sdpa_ms
+
+from pmkvq_compile.kernels import decode_attention as new
+
+
+def load_old(path: str):
+    """The old launcher module, imported as a sibling of the tree's (its relative imports resolve)."""
+    spec = importlib.util.spec_from_file_location("pmkvq_compile.kernels._ab_old", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--old", required=True, help="an old copy of pmkvq_compile/kernels/decode_attention.py")
+    ap.add_argument("--cfgs", default="@0")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--length", type=int, default=32768)
+    a = ap.parse_args()
+    old = load_old(a.old)
+    n = a.length
+    nc = (n - 1) // NW - 1 if (n - 1) % NW == 0 else (n - 1) // NW
+    torch.manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(torch.cuda.get_device_name(), "SMs", sms)
+    for b in (8, 1):
+        t, form = sdpa_ms(b, n + 1)
+        print(f"SDPA B{b}: {t * 1e3:.1f} us ({form})", flush=True)
+    cases = [
+        ("B8 4-bit", 8, [(4, 4)] * nc),
+        ("B8 2-bit", 8, [(2, 2)] * nc),
+        ("B8 mixed", 8, [(4, 4)] * (nc // 2) + [(2, 2)] * (nc - nc // 2)),
+        ("B1 4-bit", 1, [(4, 4)] * nc),
+    ]
+    cfgs = a.cfgs.split(";")
+    for name, b, chunks in cases:
+        lay, arena, state, table = make_cache(b, n, chunks)
+        q = torch.randn(b, HQ, D, dtype=torch.float16, device="cuda")
+        kn = torch.randn(b, HKV, 1, D, dtype=torch.float16, device="cuda")
+        lengths = torch.full((b,), n, dtype=torch.int32, device="cuda")
+        args = (q, kn, kn, arena, state, table, lengths, None, lay.to_list(), D**-0.5, 0)
+        os.environ["PMKVQ_DECODE_CFG"] = ""
+        ref = old.decode_attention(*args).float()
+        t_old = graph_ms(lambda args=args: old.decode_attention(*args)) * 1e3
+        times: dict[str, list[float]] = {c: [] for c in cfgs}
+        for _ in range(a.rounds):
+            for c in cfgs:
+                cfg, per = c.split("@")
+                os.environ["PMKVQ_DECODE_CFG"] = cfg
+                sp = 0
+                if int(per):
+                    sp = max(1, min(int(per) * sms // (b * HKV), (lay.max_chunks + 2) // 4, 128))
+                ca = (*args[:-1], sp)
+                err = (new.decode_attention(*ca).float() - ref).abs().max().item()
+                if not err < 2e-2:
+                    raise AssertionError(f"{name} [{c}]: max |diff| {err} against the old kernel")
+                times[c].append(graph_ms(lambda ca=ca: new.decode_attention(*ca)) * 1e3)
+        os.environ["PMKVQ_DECODE_CFG"] = ""
+        t_old2 = graph_ms(lambda args=args: old.decode_attention(*args)) * 1e3
+        res = "; ".join(f"[{c}] " + "/".join(f"{x:.1f}" for x in v) for c, v in times.items())
+        print(f"{name}: old {t_old:.1f}/{t_old2:.1f} us; tree {res}", flush=True)
+        del arena
+
+
+if __name__ == "__main__":
+    main()
