@@ -164,3 +164,37 @@ def test_decode_refuses_small_tiles(monkeypatch) -> None:
     with pytest.raises(ValueError, match="BLOCK_N must be a power of two >= 64, got 32"):
         kernel.decode_attention(q, kn, kn, arena, state, table, lengths, None, lay.to_list(), 0.125, 1)
     assert torch.equal(arena, before)
+
+
+@pytest.mark.parametrize("native", [False, True] if DEVICE == "cpu" else [False])
+def test_decode_whole_tiles_ignore_bytes_past_a_rows_length(native, monkeypatch) -> None:
+    """With whole tiles per region (a 64-token window gives 64-token tiles) the body's loads are unmasked:
+    the tokens of a chunk past a row's length are read but must not count, whatever their bytes. Here they
+    are random codes and NaN scales, and the result matches the reference on the clean arena."""
+    if native:
+        monkeypatch.setenv("PMKVQ_INTERPRET_NATIVE_DT", "1")
+    lay = small_layout(hkv=1, d=64, group=64, n_window=64, bits=4, value_bits=4, max_len=200)
+    arena, state, table = filled_cache(lay, 2, [150, 20], seed=29)
+    nc = int(state[2])
+    rows = table[:nc].tolist()
+    assert nc >= 2 and all(max(r[1:]) <= 8 for r in rows), rows  # every chunk takes the unmasked body loop
+    n = int(state[0])
+    short = lay.n_sink + lay.n_window + 10  # row 1 ends 10 tokens into chunk 1
+    lengths = torch.tensor([n, short], dtype=torch.int32, device=DEVICE)
+    q, kn, vn = _step_inputs(lay, 2, torch.float16, torch.Generator().manual_seed(31))
+    args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), 0.125)
+    want = ref.decode_attention(*args, 2)
+    g = torch.Generator().manual_seed(37)
+    cap = lay.n_window
+    for c, (o, kb, vb) in enumerate(rows):
+        past = max(0, short - (lay.n_sink + c * cap))  # row 1's tokens in chunk c end here
+        if past >= cap:
+            continue
+        k0, v0, m0, _ = lay.region_parts(o, cap, kb, vb)
+        for lo, hi in ((k0 + past * lay.head_dim * kb // 8, v0), (v0 + past * lay.head_dim * vb // 8, m0)):
+            arena[1, lo:hi] = torch.randint(0, 256, (hi - lo,), generator=g, dtype=torch.uint8).to(DEVICE)
+        meta = arena[1].view(torch.float32)[m0 // 4 : m0 // 4 + 4 * cap].view(4, cap)
+        meta[:, past:] = float("nan")
+    got = kernel.decode_attention(*args, 2)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
