@@ -125,13 +125,16 @@ def main() -> None:
         kn = torch.randn(8, HKV, 1, D, dtype=torch.float16, device="cuda")
         lengths = torch.full((8,), length, dtype=torch.int32, device="cuda")
         op_args = (q, kn, kn, arena, state, table, lengths, None, lay.to_list(), D**-0.5, 0)
-        # "BLOCK_N,num_warps,num_stages[,splits[,maxnreg[,edge_first]]]" (splits 0: the default)
+        # "BLOCK_N,num_warps,num_stages[,splits[,maxnreg[,edge_first[,edge programs]]]]" (splits 0: the
+        # default)
         for cfg in os.environ["SWEEP"].split(";"):
             knobs = cfg.split(",")
             os.environ["PMKVQ_DECODE_CFG"] = ",".join(knobs[:3] + knobs[4:6])
+            os.environ["PMKVQ_DECODE_EDGE"] = knobs[6] if len(knobs) > 6 else ""
             a = (*op_args[:-1], int(knobs[3]) if len(knobs) > 3 else 0)
             print(f"sweep B8 4-bit cfg {cfg}: {graph_ms(lambda a=a: ops.decode_attention(*a)) * 1e3:.1f} us")
         os.environ["PMKVQ_DECODE_CFG"] = os.environ.get("BEST", "")
+        os.environ["PMKVQ_DECODE_EDGE"] = ""
         del arena
     if os.environ.get("SWEEP_B1"):  # split counts at batch 1 (the default picks from static shapes)
         lay, arena, state, table = make_cache(1, length, [(4, 4)] * nc)

@@ -838,6 +838,10 @@ def decode_attention(
     # the edge work (sink, window slices, chunks no pair takes) gets one program per 16-token window slice
     # (at least 8, at most num_splits), or every split when no pair takes the body
     edge_splits = min(num_splits, max(8, -(-lay.n_window // 16))) if pairs else num_splits
+    if pairs and os.environ.get("PMKVQ_DECODE_EDGE"):  # a sweep knob: edge programs per (row, KV head)
+        edge_splits = int(os.environ["PMKVQ_DECODE_EDGE"])
+        if not 1 <= edge_splits <= num_splits:
+            raise ValueError(f"PMKVQ_DECODE_EDGE must be in 1..num_splits={num_splits}, got {edge_splits}")
     slots = len(pairs) * num_splits + edge_splits
     part_acc = torch.empty(b, hq, slots, d, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(b, hq, slots, 2, dtype=torch.float32, device=q.device)

@@ -198,3 +198,23 @@ def test_decode_whole_tiles_ignore_bytes_past_a_rows_length(native, monkeypatch)
     got = kernel.decode_attention(*args, 2)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("edge", [1, 2])
+def test_decode_edge_program_count(edge, monkeypatch) -> None:
+    """``PMKVQ_DECODE_EDGE`` (a sweep knob) sets how many programs per (row, KV head) take the sink, the
+    window slices and the chunks no pair takes; any count gives the reference's result, and counts outside
+    1..num_splits are refused by name."""
+    lay = small_layout(bits=4, value_bits=2, max_len=60, group=64)
+    arena, state, table = filled_cache(lay, 2, [17, 12, 12, 6], seed=41)
+    n = int(state[0])
+    lengths = torch.tensor([n, n - 13], dtype=torch.int32, device=DEVICE)
+    q, kn, vn = _step_inputs(lay, 2, torch.float32, torch.Generator().manual_seed(43))
+    args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), 0.125, 3)
+    monkeypatch.setenv("PMKVQ_DECODE_EDGE", str(edge))
+    torch.testing.assert_close(
+        kernel.decode_attention(*args), ref.decode_attention(*args), atol=2e-5, rtol=2e-5
+    )
+    monkeypatch.setenv("PMKVQ_DECODE_EDGE", "4")
+    with pytest.raises(ValueError, match=r"PMKVQ_DECODE_EDGE must be in 1\.\.num_splits=3, got 4"):
+        kernel.decode_attention(*args)
