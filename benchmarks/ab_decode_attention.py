@@ -1,10 +1,11 @@
-"""A/B of two revisions of the decode kernel in one run: an old copy of ``decode_attention.py`` against the tree's.
+"""A/B of two revisions of the decode kernel in one run: an old copy of ``decode_attention.py`` against the
+tree's.
 
 Each case builds one cache (Qwen2-7B geometry as in :mod:`bench_decode_attention`, 32768 tokens) and times
-the old module's launcher, then every tree configuration of ``--cfgs`` (``"PMKVQ_DECODE_CFG@programs per
-SM[@edge programs per head]"``, ``@0`` the defaults; e.g. ``"@0;128,4,2,168@3;@0@1"``) in ``--rounds`` rounds, then the old one again;
-each tree output is checked against the old one's (max |diff| < 2e-2). Prints CUDA-graph medians in us and
-the fp16 SDPA time of the same shapes. GPU only::
+the old module's launcher, then every tree configuration of ``--cfgs`` in ``--rounds`` rounds, then the old
+one again. A configuration is ``"PMKVQ_DECODE_CFG@programs per SM[@edge programs per head[@merge]]"``
+(``@0``: the defaults; e.g. ``"@0;128,4,2,168@3;@0@1"``). Each tree output is checked against the old one's
+(max |diff| < 2e-2). Prints CUDA-graph medians in us and the fp16 SDPA time of the same shapes. GPU only::
 
     git show <rev>:pmkvq_compile/kernels/decode_attention.py > /tmp/old_decode_attention.py
     python benchmarks/ab_decode_attention.py --old /tmp/old_decode_attention.py --cfgs "@0;128,4,2,168@3"
@@ -69,9 +70,10 @@ def main() -> None:
         times: dict[str, list[float]] = {c: [] for c in cfgs}
         for _ in range(a.rounds):
             for c in cfgs:
-                cfg, per, *edge = c.split("@")
+                cfg, per, *more = [*c.split("@"), "", ""]
                 os.environ["PMKVQ_DECODE_CFG"] = cfg
-                os.environ["PMKVQ_DECODE_EDGE"] = edge[0] if edge else ""
+                os.environ["PMKVQ_DECODE_EDGE"] = more[0]
+                os.environ["PMKVQ_DECODE_MERGE"] = more[1]  # a branch's knob: "kernel" or "fused"
                 sp = 0
                 if int(per):
                     sp = max(1, min(int(per) * sms // (b * HKV), (lay.max_chunks + 2) // 4, 128))
@@ -80,7 +82,9 @@ def main() -> None:
                 if not err < 2e-2:
                     raise AssertionError(f"{name} [{c}]: max |diff| {err} against the old kernel")
                 times[c].append(graph_ms(lambda ca=ca: new.decode_attention(*ca)) * 1e3)
-        os.environ["PMKVQ_DECODE_CFG"] = os.environ["PMKVQ_DECODE_EDGE"] = ""
+        os.environ["PMKVQ_DECODE_CFG"] = os.environ["PMKVQ_DECODE_EDGE"] = os.environ[
+            "PMKVQ_DECODE_MERGE"
+        ] = ""
         t_old2 = graph_ms(lambda args=args: old.decode_attention(*args)) * 1e3
         res = "; ".join(f"[{c}] " + "/".join(f"{x:.1f}" for x in v) for c, v in times.items())
         print(f"{name}: old {t_old:.1f}/{t_old2:.1f} us; tree {res}", flush=True)
