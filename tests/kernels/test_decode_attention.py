@@ -135,15 +135,21 @@ def test_decode_head_dim_128(bits, value_bits, native, monkeypatch) -> None:
     torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
 
 
+def _two_rows_4_2(seed: int, cut: int, q_seed: int) -> tuple:
+    """decode_attention's arguments (3 splits) for two rows of a 4/2-bit cache, the second ``cut`` tokens
+    shorter, with float32 queries."""
+    lay = small_layout(bits=4, value_bits=2, max_len=60, group=64)
+    arena, state, table = filled_cache(lay, 2, [17, 12, 12, 6], seed=seed)
+    n = int(state[0])
+    lengths = torch.tensor([n, n - cut], dtype=torch.int32, device=DEVICE)
+    q, kn, vn = _step_inputs(lay, 2, torch.float32, torch.Generator().manual_seed(q_seed))
+    return (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), 0.125, 3)
+
+
 def test_decode_edge_programs_first_or_last(monkeypatch) -> None:
     """The launch order of the edge programs (``PMKVQ_DECODE_CFG``'s fifth knob) changes which program takes
     which partial, not the partials: both orders give the same bits, and match the reference."""
-    lay = small_layout(bits=4, value_bits=2, max_len=60, group=64)
-    arena, state, table = filled_cache(lay, 2, [17, 12, 12, 6], seed=19)
-    n = int(state[0])
-    lengths = torch.tensor([n, n - 11], dtype=torch.int32, device=DEVICE)
-    q, kn, vn = _step_inputs(lay, 2, torch.float32, torch.Generator().manual_seed(23))
-    args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), 0.125, 3)
+    args = _two_rows_4_2(seed=19, cut=11, q_seed=23)
     outs = []
     for first in (1, 0):
         monkeypatch.setenv("PMKVQ_DECODE_CFG", f"64,4,3,0,{first}")
@@ -205,12 +211,7 @@ def test_decode_edge_program_count(edge, monkeypatch) -> None:
     """``PMKVQ_DECODE_EDGE`` (a sweep knob) sets how many programs per (row, KV head) take the sink, the
     window slices and the chunks no pair takes; any count gives the reference's result, and counts outside
     1..num_splits are refused by name."""
-    lay = small_layout(bits=4, value_bits=2, max_len=60, group=64)
-    arena, state, table = filled_cache(lay, 2, [17, 12, 12, 6], seed=41)
-    n = int(state[0])
-    lengths = torch.tensor([n, n - 13], dtype=torch.int32, device=DEVICE)
-    q, kn, vn = _step_inputs(lay, 2, torch.float32, torch.Generator().manual_seed(43))
-    args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), 0.125, 3)
+    args = _two_rows_4_2(seed=41, cut=13, q_seed=43)
     monkeypatch.setenv("PMKVQ_DECODE_EDGE", str(edge))
     torch.testing.assert_close(
         kernel.decode_attention(*args), ref.decode_attention(*args), atol=2e-5, rtol=2e-5
