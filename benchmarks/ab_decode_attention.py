@@ -4,8 +4,9 @@ tree's.
 Each case builds one cache (Qwen2-7B geometry as in :mod:`bench_decode_attention`, 32768 tokens) and times
 the old module's launcher, then every tree configuration of ``--cfgs`` in ``--rounds`` rounds, then the old
 one again. A configuration is ``"PMKVQ_DECODE_CFG@programs per SM[@edge programs per head[@merge]]"``
-(``@0``: the defaults; e.g. ``"@0;128,4,2,168@3;@0@1"``). Each tree output is checked against the old one's
-(max |diff| < 2e-2). Prints CUDA-graph medians in us and the fp16 SDPA time of the same shapes. GPU only::
+(``@0``: the defaults; ``@s11``: 11 splits in every case; e.g. ``"@0;128,4,2,168@3;@s11@1"``). Each tree
+output is checked against the old one's (max |diff| < 2e-2). Prints CUDA-graph medians in us and the fp16
+SDPA time of the same shapes. GPU only::
 
     git show <rev>:pmkvq_compile/kernels/decode_attention.py > /tmp/old_decode_attention.py
     python benchmarks/ab_decode_attention.py --old /tmp/old_decode_attention.py --cfgs "@0;128,4,2,168@3"
@@ -75,7 +76,9 @@ def main() -> None:
                 os.environ["PMKVQ_DECODE_EDGE"] = more[0]
                 os.environ["PMKVQ_DECODE_MERGE"] = more[1]  # a branch's knob: "kernel" or "fused"
                 sp = 0
-                if int(per):
+                if per.startswith("s"):  # a literal split count
+                    sp = int(per[1:])
+                elif int(per):
                     sp = max(1, min(int(per) * sms // (b * HKV), (lay.max_chunks + 2) // 4, 128))
                 ca = (*args[:-1], sp)
                 err = (new.decode_attention(*ca).float() - ref).abs().max().item()
