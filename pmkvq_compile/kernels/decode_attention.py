@@ -6,9 +6,11 @@ state, so a step can be captured in a CUDA graph:
 * :func:`_attn_kernel`: ``num_splits`` programs per (row, KV head) share the body chunks evenly and take
   each bit pair of the layout's ERS schedule with both bits <= 8 in turn (:func:`_body_part`). The codes
   are the A operand of both dot products (``S^T = K codes @ q^T`` and ``acc^T = V codes^T @ P``), unpacked
-  in registers from packed words that the pipeliner streams into shared memory, two codes per
-  shift-and-``lop3`` pair; the GQA group's query heads (padded to 8) are the columns, so K/V codes are read
-  once per group. The affine form keeps the codes exact in float16. Programs beside them run
+  in registers from packed words that the pipeliner streams into shared memory: each code is masked where
+  it lies in its byte, two per ``lop3``, with one shift per word for the upper bytes, and the place factors
+  ride on the queries and the accumulator rows; the GQA group's query heads (padded to 8) are the columns,
+  so K/V codes are read once per group. The affine form keeps the codes exact in float16. Programs beside
+  them run
   :func:`_edge_part`: the sink, the window (sliced over the programs) and any chunk the pairs do not take
   (16-bit chunks, pairs outside the schedule, several groups per head), dequantized per element.
 * :func:`_merge_kernel` (one program per row, query head and 32 output dims): the step's own new tokens in
@@ -237,14 +239,16 @@ def _tile_loop(
 
     Scores are computed transposed, ``S^T [BLOCK_N, M] = codes [BLOCK_N, D] @ q^T [D, M]``, so the codes are
     the mma's A operand: the packed words go to shared memory and are unpacked in the operand's registers,
-    two codes per shift-and-logic pair (:func:`_codes`; the head dims are permuted, the queries with them).
+    two codes per logic op, masked in place (:func:`_codes`; the head dims are permuted, the queries with them
+    and scaled by the inverse place factors).
     Values likewise: ``acc^T [D, M] = V^T [D, BLOCK_N] @ P [BLOCK_N, M]`` with the value codes as the A
     operand, unpacked two tokens at a time (:func:`_vcodes`), so the accumulator ``acc`` ``[D, M]`` is
     transposed and its rows permuted (:func:`_vperm_dims`). The affine form keeps the codes exact:
     ``q . k_hat = s_k (q . c) - z_k sum(q)`` and ``sum_n p_n v_hat_n = (p s_v) @ c - sum_n p_n z_v``. The
     dots run in ``CT`` (float16 on the GPU, for every query dtype: bfloat16 queries are scaled by a power of
     two into float16's range first; float32 under the interpreter). Row sums are kept per tile element and
-    reduced once at the end."""
+    reduced once at the end. The four per-token scales come in one load (the pipeliner streams only loads
+    that reach a dot); where tiles divide regions the loads are unmasked and only the math is."""
     TPC: tl.constexpr = (CAP + BLOCK_N - 1) // BLOCK_N
     KBY: tl.constexpr = D * KB // 8
     VBY: tl.constexpr = D * VB // 8
