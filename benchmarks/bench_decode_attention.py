@@ -220,16 +220,25 @@ def main() -> None:
     # full-body ERS pass, 4 -> 2 bits, B=8
     lay, arena0, state0, table0 = make_cache(batch, length, [(4, 4)] * nc)
     L = lay.to_list()
-    times = []
-    for _ in range(6):
-        arena, state, table = arena0.clone(), state0.clone(), table0.clone()
-        torch.cuda.synchronize()
-        start.record()
-        ops.requantize_body(arena, state, table, 2, 2, L)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    ers_us = statistics.median(times[1:])
+
+    def ers_time() -> float:
+        times = []
+        for _ in range(6):
+            arena, state, table = arena0.clone(), state0.clone(), table0.clone()
+            torch.cuda.synchronize()
+            start.record()
+            ops.requantize_body(arena, state, table, 2, 2, L)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        return statistics.median(times[1:])
+
+    # SWEEP_ERS="R,num_warps;...": the shrink kernel's knob (PMKVQ_SHRINK_CFG), timed beside the default
+    for cfg in [c for c in os.environ.get("SWEEP_ERS", "").split(";") if c]:
+        os.environ["PMKVQ_SHRINK_CFG"] = cfg
+        print(f"sweep full-body ERS cfg {cfg}: {ers_time():.0f} us")
+    os.environ["PMKVQ_SHRINK_CFG"] = ""
+    ers_us = ers_time()
     body_bytes = batch * nc * lay.chunk_bytes(4, 4)
     print(f"append 1 token, B{batch} (amortized over {steps} steps incl. flushes): {app_us:.1f} us eager, "
           f"{graph_us:.1f} us as CUDA graph replay")  # fmt: skip

@@ -14,6 +14,8 @@ Four launches, in stream order, none of which needs the host to read the state:
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -503,12 +505,28 @@ def _run_plan(state, table, lay: ArenaLayout, t: int, force: tuple[int, int] | N
     return plan
 
 
-def _run_shrink(arena, plan, lay: ArenaLayout) -> None:
+def _shrink_cfg() -> tuple[int, int]:
+    """``PMKVQ_SHRINK_CFG="R,num_warps"``, a sweep knob (default 32, 4): rows of codes per step (each step is
+    read whole before it is written, so any R keeps the in-place compaction safe) and warps of the one
+    program per batch row. Checked before anything is launched."""
+    raw = os.environ.get("PMKVQ_SHRINK_CFG", "")
+    cfg = [int(x) for x in raw.split(",") if x.strip().lstrip("-").isdigit()]
+    r, warps = cfg if len(cfg) == 2 else (32, 4) if not raw else (0, 0)
+    if r < 16 or r & (r - 1) or warps not in (1, 2, 4, 8, 16):
+        raise ValueError(
+            f"PMKVQ_SHRINK_CFG must be 'R,num_warps' with R a power of two >= 16 and num_warps in 1, 2, 4, 8, "
+            f"16, got {raw!r}"
+        )
+    return r, warps
+
+
+def _run_shrink(arena, plan, lay: ArenaLayout, cfg: tuple[int, int]) -> None:
     a8, a16, a32, af = _views(arena)
+    r, warps = cfg
     _shrink_kernel[(arena.shape[0],)](
         a8, a16, a32, af, plan, arena.shape[1],
         HKV=lay.num_kv_heads, D=lay.head_dim, G=lay.groups, NW=lay.n_window, BODY_OFF=lay.body_offset,
-        R=32, BLOCK=1024, num_warps=4,
+        R=r, BLOCK=1024, num_warps=warps,
     )  # fmt: skip
 
 
@@ -537,8 +555,9 @@ def append(
     key, value = key.contiguous(), value.contiguous()
     has_ks = key_scale is not None
     ks = key_scale.to(device=key.device, dtype=torch.float32).contiguous() if has_ks else key
+    cfg = _shrink_cfg()
     plan = _run_plan(state, table, lay, t, None)
-    _run_shrink(arena, plan, lay)
+    _run_shrink(arena, plan, lay, cfg)
     a8, a16, a32, af = _views(arena)
     block_t = 16
     nblk = triton.cdiv(lay.n_window - 1 + t, block_t)
@@ -563,5 +582,6 @@ def requantize_body_launch(
     check_layout_tensors(lay, arena, state, table)
     if not lay.triton_supported():
         raise ValueError(f"the Triton kernels need a power-of-two head_dim >= 64, got {lay}")
+    cfg = _shrink_cfg()
     plan = _run_plan(state, table, lay, 0, (key_bits, value_bits))
-    _run_shrink(arena, plan, lay)
+    _run_shrink(arena, plan, lay, cfg)

@@ -86,3 +86,22 @@ def test_requantize_body_bit_exact(target) -> None:
     o2, kb2, vb2 = t2[0].tolist()
     got = ref.read_region(a2, lay, o2, lay.n_window, kb2, vb2, lay.n_window)
     assert torch.equal(got[0], kq) and torch.equal(got[1], kscale)
+
+
+@pytest.mark.parametrize("cfg", ["16,1", "64,8"])
+def test_requantize_body_shrink_step_sizes(cfg, monkeypatch) -> None:
+    """``PMKVQ_SHRINK_CFG`` (a sweep knob: rows per step, warps) changes how the in-place compaction is cut
+    into steps, not its result: bit-exact with the reference at steps smaller and larger than the default;
+    a bad value is refused by name before the cache is touched."""
+    lay = small_layout(bits=4, value_bits=4, max_len=150)
+    arena, state, table = filled_cache(lay, 2, [22])
+    a2, s2, t2 = arena.clone(), state.clone(), table.clone()
+    ref.requantize_body(arena, state, table, 4, 2, lay.to_list())
+    monkeypatch.setenv("PMKVQ_SHRINK_CFG", cfg)
+    kernel.requantize_body_launch(a2, s2, t2, 4, 2, lay.to_list())
+    assert torch.equal(state, s2) and torch.equal(table, t2) and torch.equal(arena, a2)
+    monkeypatch.setenv("PMKVQ_SHRINK_CFG", "24,4")
+    before = (a2.clone(), s2.clone(), t2.clone())
+    with pytest.raises(ValueError, match=r"PMKVQ_SHRINK_CFG must be 'R,num_warps'.*got '24,4'"):
+        kernel.requantize_body_launch(a2, s2, t2, 2, 2, lay.to_list())
+    assert torch.equal(a2, before[0]) and torch.equal(s2, before[1]) and torch.equal(t2, before[2])
