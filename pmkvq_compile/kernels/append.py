@@ -510,8 +510,12 @@ def _shrink_cfg() -> tuple[int, int]:
     read whole before it is written, so any R keeps the in-place compaction safe) and warps of the one
     program per batch row. Checked before anything is launched."""
     raw = os.environ.get("PMKVQ_SHRINK_CFG", "")
-    cfg = [int(x) for x in raw.split(",") if x.strip().lstrip("-").isdigit()]
-    r, warps = cfg if len(cfg) == 2 else (32, 4) if not raw else (0, 0)
+    if not raw:
+        return 32, 4
+    parts = [x.strip() for x in raw.split(",")]
+    r, warps = (
+        (int(parts[0]), int(parts[1])) if len(parts) == 2 and all(x.isdigit() for x in parts) else (0, 0)
+    )
     if r < 16 or r & (r - 1) or warps not in (1, 2, 4, 8, 16):
         raise ValueError(
             f"PMKVQ_SHRINK_CFG must be 'R,num_warps' with R a power of two >= 16 and num_warps in 1, 2, 4, 8, "

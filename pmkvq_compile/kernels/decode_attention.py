@@ -296,12 +296,12 @@ def _tile_loop(
         r = h * CAP + n
         mb = tl.multiple_of((off + MOFF) // 4, 4) + r
         # the four per-token scales in one load: the pipeliner streams only loads that reach a dot, and the
-        # value zero points alone do not (a load of their own was a plain global load waited on per tile)
-        # with whole tiles per region every address is inside a written region (tokens past the row's
+        # value zero points alone do not (a load of their own was a plain global load waited on per tile).
+        # With whole tiles per region every address is inside a written region (tokens past the row's
         # length included), so only the math is masked; the value scales of such tokens are zeroed (they may
         # be any bits, and 0 * NaN is NaN)
-        lm = (n < CAP) if CAP % BLOCK_N else None
-        sc = tl.load(afr + mb[:, None] + PART * i4[None, :], mask=lm[:, None] if lm is not None else None)
+        lm = (n < CAP)[:, None] if CAP % BLOCK_N else None
+        sc = tl.load(afr + mb[:, None] + PART * i4[None, :], mask=lm)
         kvs, kvz = tl.split(tl.reshape(sc, [BLOCK_N, 2, 2]))  # columns (ks, vs) and (kz, vz)
         ks, vs = tl.split(kvs)
         kz, vz = tl.split(kvz)
@@ -309,13 +309,8 @@ def _tile_loop(
         kz = kz[:, None]
         vs = tl.where(nm, vs, 0.0)[:, None]
         vz = tl.where(nm, vz, 0.0)[:, None]
-        kw = tl.load(
-            a32r + off // 4 + (r * KW)[:, None] + ik[None, :], mask=lm[:, None] if lm is not None else None
-        )
-        vu = tl.load(
-            a16r + (off + VOFF) // 2 + (r * VU)[:, None] + iv[None, :],
-            mask=lm[:, None] if lm is not None else None,
-        )
+        kw = tl.load(a32r + off // 4 + (r * KW)[:, None] + ik[None, :], mask=lm)
+        vu = tl.load(a16r + (off + VOFF) // 2 + (r * VU)[:, None] + iv[None, :], mask=lm)
         s = tl.dot(_codes(kw, KB, CT, ASM), qt, acc=s0, input_precision=PREC)
         s = tl.where(nm[:, None], s * (ks * qscale) - (kz * qscale) * qsum[None, :], float("-inf"))
         m_new, m_safe, alpha = _raise_max(m_i, tl.max(s, axis=0))
