@@ -352,6 +352,11 @@ def _store_ml(part_ml, prow, rmask, m_i, l_i):
 
 
 @triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
 def _body_part(
     b,
     h,
@@ -361,13 +366,14 @@ def _body_part(
     a32,
     af,
     table,
-    state,
-    lengths,
     ks_ptr,
     part_acc,
     part_ml,
     ROW_BYTES,
     qk_scale,
+    length,
+    last_chunk,
+    present,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     D: tl.constexpr,
@@ -379,6 +385,7 @@ def _body_part(
     SLOT0: tl.constexpr,
     SLOTS: tl.constexpr,
     TB: tl.constexpr,
+    MAXC: tl.constexpr,
     HAS_KS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -389,39 +396,46 @@ def _body_part(
 ):
     """The body chunks at (KB, VB) bits of one (row, KV head), divided evenly over ``NUM_SPLITS`` programs.
 
-    The chunks of this pair are found in the table (``TB`` >= its rows, one vector load): the program takes
-    the part of their span ``[lo, hi)`` inside its share of the row's chunks, and chunks of other pairs
-    inside it are masked. A pair with nothing there stores only (m, l) = (-inf, 0)."""
+    ``present`` holds the pair bits of the row's first ``last_chunk`` chunks (:func:`_attn_kernel` looks at
+    the table once for every pair): a pair absent there stores only (m, l) = (-inf, 0), with no scan.
+    Otherwise its chunks are found in the table (``TB`` >= its ``MAXC`` rows, one vector load): the program
+    takes the part of their span ``[lo, hi)`` inside its share of the row's chunks, and chunks of other
+    pairs inside it are masked; a share with none of them stores (-inf, 0) too."""
     GQ: tl.constexpr = HQ // HKV
     mrow = tl.arange(0, BLOCK_M)
     rmask = mrow < GQ
     heads = h * GQ + mrow
-    n_chunks = tl.load(state + 2)
-    length = tl.load(lengths + b)
-    last_chunk = tl.minimum((tl.maximum(length - N_SINK, 0) + NW - 1) // NW, n_chunks)
-    idx = tl.arange(0, TB)
-    inr = idx < last_chunk
-    tk = tl.load(table + idx * 3 + 1, mask=inr, other=0)
-    tv = tl.load(table + idx * 3 + 2, mask=inr, other=0)
-    match = inr & (tk == KB) & (tv == VB)
-    lo = tl.min(tl.where(match, idx, TB), axis=0)
-    hi = tl.max(tl.where(match, idx + 1, 0), axis=0)
-    # the row's chunks are split evenly over the programs whatever their pairs (a mixed body costs what a
-    # uniform one does); this pair takes its span's part of the program's share
-    per = (last_chunk + NUM_SPLITS - 1) // NUM_SPLITS
-    c0 = tl.maximum(lo, split * per)
-    c1 = tl.minimum(hi, (split + 1) * per)
-    # the cache writes chunks back to back, so a span of one pair is one region array: one pipelined loop
-    # over all its tiles; otherwise (a hand-made table) chunk by chunk, skipping other pairs
-    RB: tl.constexpr = NW * HKV * (D * (KB + VB) // 8 + 16)
-    to = tl.load(table + idx * 3, mask=inr, other=0)
-    off_lo = tl.sum(tl.where(idx == lo, to, 0), axis=0)
-    span = (idx >= lo) & (idx < hi)
-    bad = span & ((match == 0) | (to != off_lo + (idx - lo) * RB))
-    packed = tl.max(bad.to(tl.int32), axis=0) == 0
     prow = ((b * HQ + heads) * SLOTS + SLOT0 + split).to(tl.int64)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    # the cache writes chunks back to back, so a span of one pair is one region array: one pipelined loop
+    # over all its tiles; otherwise (a hand-made table) chunk by chunk, skipping other pairs
+    RB: tl.constexpr = NW * HKV * (D * (KB + VB) // 8 + 16)
+    c0 = 0
+    c1 = 0
+    lo = 0
+    off_lo = 0
+    packed = 0
+    # a pair absent from the row's chunks (``present``: their pair bits) costs no scan
+    if (present >> (4 * ((KB > 2) + (KB > 4) + (KB > 8)) + (VB > 2) + (VB > 4) + (VB > 8))) & 1:
+        idx = tl.arange(0, TB)
+        inr = idx < last_chunk
+        intab = idx < MAXC
+        tk = tl.load(table + idx * 3 + 1, mask=intab, other=0)
+        tv = tl.load(table + idx * 3 + 2, mask=intab, other=0)
+        to = tl.load(table + idx * 3, mask=intab, other=0)
+        match = inr & (tk == KB) & (tv == VB)
+        lo = tl.min(tl.where(match, idx, TB), axis=0)
+        hi = tl.max(tl.where(match, idx + 1, 0), axis=0)
+        # the row's chunks are split evenly over the programs whatever their pairs (a mixed body costs what a
+        # uniform one does); this pair takes its span's part of the program's share
+        per = (last_chunk + NUM_SPLITS - 1) // NUM_SPLITS
+        c0 = tl.maximum(lo, split * per)
+        c1 = tl.minimum(hi, (split + 1) * per)
+        off_lo = tl.sum(tl.where(idx == lo, to, 0), axis=0)
+        span = (idx >= lo) & (idx < hi)
+        bad = span & ((match == 0) | (to != off_lo + (idx - lo) * RB))
+        packed = (tl.max(bad.to(tl.int32), axis=0) == 0).to(tl.int32)
     if c0 < c1:
         acc = tl.zeros([D, BLOCK_M], tl.float32)
         row0 = b.to(tl.int64) * ROW_BYTES
@@ -587,6 +601,7 @@ def _attn_kernel(
     EDGE_SPLITS: tl.constexpr,
     SLOTS: tl.constexpr,
     TB: tl.constexpr,
+    MAXC: tl.constexpr,
     RUNB: tl.constexpr,
     WPER: tl.constexpr,
     PAIRS: tl.constexpr,
@@ -627,11 +642,20 @@ def _attn_kernel(
             SLOTS, RUNB, WPER, FAST_MASK, HAS_KS, BLOCK_M, EBLOCK_N, DT, PREC,
         )  # fmt: skip
     else:
+        # one look at the row before any pair: its length, its chunks and the set of their bit pairs, all
+        # loaded at once (the whole table, not just the row's chunks, so no load waits for another)
+        length = tl.load(lengths + b)
+        last_chunk = tl.minimum((tl.maximum(length - N_SINK, 0) + NW - 1) // NW, tl.load(state + 2))
+        idx = tl.arange(0, TB)
+        tk = tl.load(table + idx * 3 + 1, mask=idx < MAXC, other=0)
+        tv = tl.load(table + idx * 3 + 2, mask=idx < MAXC, other=0)
+        pbit = 4 * ((tk > 2).to(tl.int32) + (tk > 4) + (tk > 8)) + (tv > 2).to(tl.int32) + (tv > 4) + (tv > 8)
+        present = tl.reduce(tl.where(idx < last_chunk, 1 << pbit, 0), 0, _bit_or)
         for k in tl.static_range(NP):
             _body_part(
-                b, h, z, q_ptr, a16, a32, af, table, state, lengths, ks_ptr, part_acc, part_ml,
-                ROW_BYTES, qk_scale, HQ, HKV, D, N_SINK, NW, 2 << ((PAIRS >> (4 * k + 2)) & 3),
-                2 << ((PAIRS >> (4 * k)) & 3), NUM_SPLITS, k * NUM_SPLITS, SLOTS, TB, HAS_KS, BLOCK_M,
+                b, h, z, q_ptr, a16, a32, af, table, ks_ptr, part_acc, part_ml, ROW_BYTES, qk_scale,
+                length, last_chunk, present, HQ, HKV, D, N_SINK, NW, 2 << ((PAIRS >> (4 * k + 2)) & 3),
+                2 << ((PAIRS >> (4 * k)) & 3), NUM_SPLITS, k * NUM_SPLITS, SLOTS, TB, MAXC, HAS_KS, BLOCK_M,
                 BLOCK_N, CT, PREC, ASM, BODY_STAGES,
             )  # fmt: skip
             # the next pair's pipeline reuses this one's shared memory
@@ -667,45 +691,70 @@ def _merge_kernel(
     q = tl.load(q_ptr + (b * HQ + hq) * D + d).to(tl.float32) * qk_scale
     kv_row = (b * HKV + h).to(tl.int64) * T
     # one pass over the partials in blocks of SPLIT_P2 slots (many slots at batch 1 would not fit registers),
-    # rescaling the running sums when the max grows; a slot with nothing in it stored only (m, l) = (-inf,
-    # 0), and its accumulator is not read
-    mx = tl.full([], float("-inf"), tl.float32)
-    num = tl.zeros([BLOCK_D], tl.float32)
-    den = tl.zeros([], tl.float32)
-    for s0 in range(0, NUM_SPLITS, SPLIT_P2):
-        sp = s0 + tl.arange(0, SPLIT_P2)
-        smask = sp < NUM_SPLITS
-        # every load is issued at once (an accumulator load masked by its slot's l would wait for l); the
-        # accumulator of an empty slot may be any bits, so it is selected away, not multiplied by 0
-        ls = tl.load(part_ml + (base + sp) * 2 + 1, mask=smask, other=0.0)
-        ms = tl.load(part_ml + (base + sp) * 2, mask=smask, other=float("-inf"))
-        acc = tl.load(part_acc + (base + sp)[:, None] * D + od[None, :], mask=smask[:, None], other=0.0)
-        used = smask & (ls > 0.0)
-        ms = tl.where(used, ms, float("-inf"))
-        acc = tl.where(used[:, None], acc, 0.0)
-        m_new, m_safe, alpha = _raise_max(mx, tl.max(ms, axis=0))
-        w = tl.where(used, tl.math.exp2(ms - m_safe), 0.0)
-        num = num * alpha + tl.sum(acc * w[:, None], axis=0)
-        den = den * alpha + tl.sum(ls * w, axis=0)
-        mx = m_new
-    # the new tokens (T is small): their scores, then the same rescaling
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        tm = t < T
-        kn = tl.load(k_new + (kv_row + t)[:, None] * D + d[None, :], mask=tm[:, None], other=0.0).to(
-            tl.float32
-        )
-        vn = tl.load(v_new + (kv_row + t)[:, None] * D + od[None, :], mask=tm[:, None], other=0.0).to(
-            tl.float32
-        )
-        sc = tl.where(tm, tl.sum(kn * q[None, :], axis=1), float("-inf"))
-        m_new, m_safe, alpha = _raise_max(mx, tl.max(sc, axis=0))
-        p = tl.where(tm, tl.math.exp2(sc - m_safe), 0.0)
-        num = num * alpha + tl.sum(vn * p[:, None], axis=0)
-        den = den * alpha + tl.sum(p, axis=0)
-        mx = m_new
+    # then over the new tokens in blocks of BLOCK_T, rescaling the running sums when the max grows. The
+    # first block of each is loaded before either is used (one memory round trip, not one per loop); a
+    # slot with nothing in it stored only (m, l) = (-inf, 0), and its accumulator is not read
+    ls, ms, acc = _merge_block_loads(part_ml, part_acc, base, 0, od, NUM_SPLITS, SPLIT_P2, D)
+    kn, vn, tm = _new_token_loads(k_new, v_new, kv_row, 0, T, d, od, BLOCK_T)
+    mx, num, den = _merge_block(
+        tl.full([], float("-inf"), tl.float32), tl.zeros([BLOCK_D], tl.float32), tl.zeros([], tl.float32),
+        ls, ms, acc, 0, NUM_SPLITS, SPLIT_P2,
+    )  # fmt: skip
+    for s0 in range(SPLIT_P2, NUM_SPLITS, SPLIT_P2):
+        ls, ms, acc = _merge_block_loads(part_ml, part_acc, base, s0, od, NUM_SPLITS, SPLIT_P2, D)
+        mx, num, den = _merge_block(mx, num, den, ls, ms, acc, s0, NUM_SPLITS, SPLIT_P2)
+    mx, num, den = _new_token_block(mx, num, den, kn, vn, tm, q)
+    for t0 in range(BLOCK_T, T, BLOCK_T):
+        kn, vn, tm = _new_token_loads(k_new, v_new, kv_row, t0, T, d, od, BLOCK_T)
+        mx, num, den = _new_token_block(mx, num, den, kn, vn, tm, q)
     res = num / tl.where(den == 0.0, 1.0, den)
     tl.store(out + (b * HQ + hq) * D + od, res.to(out.dtype.element_ty))
+
+
+@triton.jit
+def _merge_block_loads(part_ml, part_acc, base, s0, od, NUM_SPLITS: tl.constexpr, SPLIT_P2: tl.constexpr,
+                       D: tl.constexpr):  # fmt: skip
+    """(l, m) ``[SPLIT_P2]`` and accumulators ``[SPLIT_P2, BLOCK_D]`` (dims ``od``) of slots ``s0..``, every
+    load issued at once (an accumulator load masked by its slot's l would wait for l)."""
+    sp = s0 + tl.arange(0, SPLIT_P2)
+    smask = sp < NUM_SPLITS
+    ls = tl.load(part_ml + (base + sp) * 2 + 1, mask=smask, other=0.0)
+    ms = tl.load(part_ml + (base + sp) * 2, mask=smask, other=float("-inf"))
+    acc = tl.load(part_acc + (base + sp)[:, None] * D + od[None, :], mask=smask[:, None], other=0.0)
+    return ls, ms, acc
+
+
+@triton.jit
+def _merge_block(mx, num, den, ls, ms, acc, s0, NUM_SPLITS: tl.constexpr, SPLIT_P2: tl.constexpr):
+    """The running (max, weighted sum ``[BLOCK_D]``, denominator) with one block of slots folded in. An empty
+    slot's accumulator may be any bits, so it is selected away, not multiplied by 0."""
+    used = (s0 + tl.arange(0, SPLIT_P2) < NUM_SPLITS) & (ls > 0.0)
+    ms = tl.where(used, ms, float("-inf"))
+    acc = tl.where(used[:, None], acc, 0.0)
+    m_new, m_safe, alpha = _raise_max(mx, tl.max(ms, axis=0))
+    w = tl.where(used, tl.math.exp2(ms - m_safe), 0.0)
+    return m_new, num * alpha + tl.sum(acc * w[:, None], axis=0), den * alpha + tl.sum(ls * w, axis=0)
+
+
+@triton.jit
+def _new_token_loads(k_new, v_new, kv_row, t0, T, d, od, BLOCK_T: tl.constexpr):
+    """Keys ``[BLOCK_T, D]`` and values ``[BLOCK_T, BLOCK_D]`` (dims ``od``) of new tokens ``t0..``, float32,
+    with their mask."""
+    t = t0 + tl.arange(0, BLOCK_T)
+    tm = t < T
+    kn = tl.load(k_new + (kv_row + t)[:, None] * d.shape[0] + d[None, :], mask=tm[:, None], other=0.0)
+    vn = tl.load(v_new + (kv_row + t)[:, None] * d.shape[0] + od[None, :], mask=tm[:, None], other=0.0)
+    return kn.to(tl.float32), vn.to(tl.float32), tm
+
+
+@triton.jit
+def _new_token_block(mx, num, den, kn, vn, tm, q):
+    """The running (max, weighted sum, denominator) with one block of new tokens folded in (their scores
+    against the scaled query ``q`` ``[D]``)."""
+    sc = tl.where(tm, tl.sum(kn * q[None, :], axis=1), float("-inf"))
+    m_new, m_safe, alpha = _raise_max(mx, tl.max(sc, axis=0))
+    p = tl.where(tm, tl.math.exp2(sc - m_safe), 0.0)
+    return m_new, num * alpha + tl.sum(vn * p[:, None], axis=0), den * alpha + tl.sum(p, axis=0)
 
 
 _DT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -854,7 +903,7 @@ def decode_attention(
     _attn_kernel[(b, hkv, num_splits + edge_splits)](
         *views, HQ=hq, HKV=hkv, D=d, GS=lay.group_size, G=lay.groups, N_SINK=lay.n_sink, NW=lay.n_window,
         SB=lay.sink_bits, WB=lay.window_bits, WIN_OFF=lay.window_offset, NUM_SPLITS=num_splits,
-        EDGE_SPLITS=edge_splits, SLOTS=slots, TB=max(16, triton.next_power_of_2(lay.max_chunks)),
+        EDGE_SPLITS=edge_splits, SLOTS=slots, TB=max(16, triton.next_power_of_2(lay.max_chunks)), MAXC=lay.max_chunks,
         RUNB=max(16, triton.next_power_of_2(-(-(lay.max_chunks + 2) // edge_splits))),
         WPER=16 * -(-lay.n_window // (16 * edge_splits)), PAIRS=code, NP=len(pairs),
         FAST_MASK=sum(_pair_bit(*p) for p in pairs), HAS_KS=has_ks, BLOCK_M=block_m, BLOCK_N=block_n,
