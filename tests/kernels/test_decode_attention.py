@@ -219,3 +219,42 @@ def test_decode_edge_program_count(edge, monkeypatch) -> None:
     monkeypatch.setenv("PMKVQ_DECODE_EDGE", "4")
     with pytest.raises(ValueError, match=r"PMKVQ_DECODE_EDGE must be in 1\.\.num_splits=3, got 4"):
         kernel.decode_attention(*args)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_decode_interleaved_table(splits) -> None:
+    """A hand-made table whose chunks alternate bit pairs (the cache writes each pair's chunks back to back)
+    goes chunk by chunk, several chunks into one accumulator, and still gives the reference's result."""
+    lay = small_layout(bits=4, value_bits=4, max_len=60, group=64)
+    arena, state, table = filled_cache(lay, 2, [17, 12], seed=61)
+    nc = int(state[2])
+    make_mixed(lay, arena, state, table, first_low=nc // 2)
+    half = nc // 2
+    perm = [i for pair in zip(range(half), range(half, 2 * half)) for i in pair] + list(range(2 * half, nc))
+    table[:nc] = table[:nc][perm].clone()
+    assert len({tuple(r) for r in table[:2, 1:].tolist()}) == 2  # the first two chunks: different pairs
+    n = int(state[0])
+    lengths = torch.tensor([n, n - 7], dtype=torch.int32, device=DEVICE)
+    q, kn, vn = _step_inputs(lay, 2, torch.float32, torch.Generator().manual_seed(63))
+    args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), 0.125, splits)
+    torch.testing.assert_close(
+        kernel.decode_attention(*args), ref.decode_attention(*args), atol=2e-5, rtol=2e-5
+    )
+
+
+@pytest.mark.parametrize("dyn", [10, 50])
+def test_decode_chunk_pool(dyn, monkeypatch) -> None:
+    """``PMKVQ_DECODE_DYN`` leaves that percent of each pair's chunks to a pool the group's programs draw
+    from (an atomic counter per row, KV head and pair): the result is the reference's, the counters are back
+    at zero after the launch (so the next launch starts clean), and a percent outside 0..50 is refused by
+    name before anything runs."""
+    args = _two_rows_4_2(seed=71, cut=5, q_seed=73)
+    monkeypatch.setenv("PMKVQ_DECODE_DYN", str(dyn))
+    for _ in range(2):
+        torch.testing.assert_close(
+            kernel.decode_attention(*args), ref.decode_attention(*args), atol=2e-5, rtol=2e-5
+        )
+        assert all(int(c.abs().sum()) == 0 for c in kernel._COUNTERS.values())
+    monkeypatch.setenv("PMKVQ_DECODE_DYN", "51")
+    with pytest.raises(ValueError, match=r"PMKVQ_DECODE_DYN must be a percent in 0\.\.50, got 51"):
+        kernel.decode_attention(*args)
