@@ -5,7 +5,7 @@ Each case builds one cache (Qwen2-7B geometry as in :mod:`bench_decode_attention
 the old module's launcher, then every tree configuration of ``--cfgs`` in ``--rounds`` rounds, then the old
 one again. A configuration is ``"PMKVQ_DECODE_CFG@programs per SM[@edge programs per head[@pool percent]]"``
 (``@0``: the defaults; ``@s11``: 11 splits in every case; the last two set ``PMKVQ_DECODE_EDGE`` and
-``PMKVQ_DECODE_DYN``; e.g. ``"@0;128,4,2,168@3;@s11@1;@0@@15"``). Each tree
+``PMKVQ_DECODE_DYN`` (branch ``wip-chunk-pool``); e.g. ``"@0;128,4,2,168@3;@s11@1"``). Each tree
 output is checked against the old one's (max |diff| < 2e-2). Prints CUDA-graph medians in us and the fp16
 SDPA time of the same shapes. GPU only::
 

@@ -285,8 +285,8 @@ def _tile_loop(
     ik = tl.arange(0, KW)
     iv = tl.arange(0, VU)
     i4 = tl.arange(0, 4)
-    # the accumulator comes in true (a caller may run several spans into it); the loop keeps it in code units
-    # (place factors on, the offset and the zero points off), undone below for all of it at once
+    # the accumulator comes in true (a span after another of a hand-made table runs into it); the loop keeps
+    # it in code units (place factors on, the offset and the zero points off), undone below for all of it
     rs = _code_scale(_vperm_dims(VB, D) % (16 // VB), VB)[:, None]
     acc = acc / rs
     lt = tl.zeros([BLOCK_N, acc.shape[1]], tl.float32)
@@ -377,7 +377,6 @@ def _body_part(
     length,
     last_chunk,
     present,
-    counter,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     D: tl.constexpr,
@@ -397,7 +396,6 @@ def _body_part(
     PREC: tl.constexpr,
     ASM: tl.constexpr,
     STAGES: tl.constexpr,
-    DYN: tl.constexpr,
 ):
     """The body chunks at (KB, VB) bits of one (row, KV head), divided evenly over ``NUM_SPLITS`` programs.
 
@@ -421,11 +419,8 @@ def _body_part(
     lo = 0
     off_lo = 0
     packed = 0
-    pool0 = 0
-    units = 0
     # a pair absent from the row's chunks (``present``: their pair bits) costs no scan
-    has = (present >> (4 * ((KB > 2) + (KB > 4) + (KB > 8)) + (VB > 2) + (VB > 4) + (VB > 8))) & 1
-    if has:
+    if (present >> (4 * ((KB > 2) + (KB > 4) + (KB > 8)) + (VB > 2) + (VB > 4) + (VB > 8))) & 1:
         idx = tl.arange(0, TB)
         inr = idx < last_chunk
         intab = idx < MAXC
@@ -437,55 +432,34 @@ def _body_part(
         hi = tl.max(tl.where(match, idx + 1, 0), axis=0)
         # the row's chunks are split evenly over the programs whatever their pairs (a mixed body costs what a
         # uniform one does); this pair takes its span's part of the program's share
-        if DYN > 0:
-            # a static share of the pair's span each, in split order, then a pool of single chunks (DYN
-            # percent of the span, at least one per program) that the group's programs take as they
-            # finish (the counter): programs that run slower (the youngest on a multiprocessor, or on
-            # slower memory) take fewer
-            per = (hi - lo) * (100 - DYN) // (100 * NUM_SPLITS)
-            c0 = lo + split * per
-            c1 = c0 + per
-            pool0 = lo + NUM_SPLITS * per
-            units = hi - pool0
-        else:
-            per = (last_chunk + NUM_SPLITS - 1) // NUM_SPLITS
-            c0 = tl.maximum(lo, split * per)
-            c1 = tl.minimum(hi, (split + 1) * per)
+        per = (last_chunk + NUM_SPLITS - 1) // NUM_SPLITS
+        c0 = tl.maximum(lo, split * per)
+        c1 = tl.minimum(hi, (split + 1) * per)
         off_lo = tl.sum(tl.where(idx == lo, to, 0), axis=0)
         span = (idx >= lo) & (idx < hi)
         bad = span & ((match == 0) | (to != off_lo + (idx - lo) * RB))
         packed = (tl.max(bad.to(tl.int32), axis=0) == 0).to(tl.int32)
-    if DYN > 0 and has:
-        # the static share, then chunk after chunk from the pool until it is empty; every program's last
-        # take comes back empty-handed, and the last of those in the launch (value units + NUM_SPLITS - 1)
-        # sets the counter back to 0 for the next launch. Counters: [B, Hkv, SLOTS // NUM_SPLITS] int32
-        # (>= one per pair), zero before the launch
-        cnt = counter + (b * HKV + h) * (SLOTS // NUM_SPLITS) + SLOT0 // NUM_SPLITS
+    if c0 < c1:
         acc = tl.zeros([D, BLOCK_M], tl.float32)
         row0 = b.to(tl.int64) * ROW_BYTES
-        u = -1
-        while u < units:
-            m_i, l_i, acc = _span_part(
-                q_ptr, b * HQ + heads, rmask, ks_ptr, qk_scale, m_i, l_i, acc, a16 + row0 // 2,
-                a32 + row0 // 4, af + row0 // 4, table, c0, c1, lo, off_lo, packed, length, h, KB, VB,
-                N_SINK, NW, HKV, D, HAS_KS, BLOCK_N, CT, PREC, ASM, STAGES, RB,
-            )  # fmt: skip
-            u = tl.atomic_add(cnt, 1, sem="relaxed", scope="gpu")
-            c0 = pool0 + u
-            c1 = tl.minimum(c0 + 1, pool0 + units)
-        if u == units + NUM_SPLITS - 1:
-            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
-        dv = _vperm_dims(VB, D)
-        tl.store(part_acc + prow[None, :] * D + dv[:, None], acc, mask=rmask[None, :])
-        _store_ml(part_ml, prow, rmask, m_i, l_i)
-    elif c0 < c1:
-        acc = tl.zeros([D, BLOCK_M], tl.float32)
-        row0 = b.to(tl.int64) * ROW_BYTES
-        m_i, l_i, acc = _span_part(
-            q_ptr, b * HQ + heads, rmask, ks_ptr, qk_scale, m_i, l_i, acc, a16 + row0 // 2, a32 + row0 // 4,
-            af + row0 // 4, table, c0, c1, lo, off_lo, packed, length, h, KB, VB, N_SINK, NW, HKV, D, HAS_KS,
-            BLOCK_N, CT, PREC, ASM, STAGES, RB,
-        )  # fmt: skip
+        c = c0
+        while c < c1:
+            if packed:
+                c_next = c1
+                off = off_lo + (c - lo) * RB
+                mine = True
+            else:
+                c_next = c + 1
+                off = tl.load(table + c * 3)
+                mine = (tl.load(table + c * 3 + 1) == KB) & (tl.load(table + c * 3 + 2) == VB)
+            if mine:
+                m_i, l_i, acc = _tile_loop(
+                    q_ptr, b * HQ + heads, rmask, ks_ptr, qk_scale, m_i, l_i, acc,
+                    a16 + row0 // 2, a32 + row0 // 4, af + row0 // 4, off, c, c_next, N_SINK,
+                    length, h, KB, VB, NW, HKV, D, HAS_KS, BLOCK_N, CT, PREC, ASM,
+                    STAGES if STAGES > 0 else (3 if KB + VB <= 4 else 2),
+                )  # fmt: skip
+            c = c_next
         # the (transposed) accumulator's rows are in _vperm_dims order of the value bits
         dv = _vperm_dims(VB, D)
         tl.store(part_acc + prow[None, :] * D + dv[:, None], acc, mask=rmask[None, :])
@@ -493,64 +467,6 @@ def _body_part(
     else:
         # nothing here: the merge skips slots with l == 0 without reading their accumulators
         _store_ml(part_ml, prow, rmask, m_i, l_i)
-
-
-@triton.jit
-def _span_part(
-    q_ptr,
-    qrows,
-    rmask,
-    ks_ptr,
-    qk_scale,
-    m_i,
-    l_i,
-    acc,
-    a16r,
-    a32r,
-    afr,
-    table,
-    c0,
-    c1,
-    lo,
-    off_lo,
-    packed,
-    length,
-    h,
-    KB: tl.constexpr,
-    VB: tl.constexpr,
-    N_SINK: tl.constexpr,
-    NW: tl.constexpr,
-    HKV: tl.constexpr,
-    D: tl.constexpr,
-    HAS_KS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CT: tl.constexpr,
-    PREC: tl.constexpr,
-    ASM: tl.constexpr,
-    STAGES: tl.constexpr,
-    RB: tl.constexpr,
-):
-    """Chunks ``c0..c1`` of a pair's span starting at chunk ``lo`` (byte ``off_lo`` of the row): one pipelined
-    loop when the span is packed (back to back, all of the pair), else chunk by chunk, skipping other
-    pairs' chunks."""
-    c = c0
-    while c < c1:
-        if packed:
-            c_next = c1
-            off = off_lo + (c - lo) * RB
-            mine = True
-        else:
-            c_next = c + 1
-            off = tl.load(table + c * 3)
-            mine = (tl.load(table + c * 3 + 1) == KB) & (tl.load(table + c * 3 + 2) == VB)
-        if mine:
-            m_i, l_i, acc = _tile_loop(
-                q_ptr, qrows, rmask, ks_ptr, qk_scale, m_i, l_i, acc, a16r, a32r, afr, off, c, c_next, N_SINK,
-                length, h, KB, VB, NW, HKV, D, HAS_KS, BLOCK_N, CT, PREC, ASM,
-                STAGES if STAGES > 0 else (3 if KB + VB <= 4 else 2),
-            )  # fmt: skip
-        c = c_next
-    return m_i, l_i, acc
 
 
 @triton.jit
@@ -674,7 +590,6 @@ def _attn_kernel(
     part_ml,
     ROW_BYTES,
     qk_scale,
-    counter,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     D: tl.constexpr,
@@ -705,7 +620,6 @@ def _attn_kernel(
     ASM: tl.constexpr,
     EDGE_FIRST: tl.constexpr,
     BODY_STAGES: tl.constexpr,
-    DYN: tl.constexpr,
 ):
     """Every partial of a step in one launch (grid ``(B, Hkv, NUM_SPLITS + EDGE_SPLITS)``): ``NUM_SPLITS``
     programs of a (row, KV head) share the body chunks evenly and take each pair of ``PAIRS`` (4 bits per
@@ -743,9 +657,9 @@ def _attn_kernel(
         for k in tl.static_range(NP):
             _body_part(
                 b, h, z, q_ptr, a16, a32, af, table, ks_ptr, part_acc, part_ml, ROW_BYTES, qk_scale,
-                length, last_chunk, present, counter, HQ, HKV, D, N_SINK, NW, 2 << ((PAIRS >> (4 * k + 2)) & 3),
+                length, last_chunk, present, HQ, HKV, D, N_SINK, NW, 2 << ((PAIRS >> (4 * k + 2)) & 3),
                 2 << ((PAIRS >> (4 * k)) & 3), NUM_SPLITS, k * NUM_SPLITS, SLOTS, TB, MAXC, HAS_KS, BLOCK_M,
-                BLOCK_N, CT, PREC, ASM, BODY_STAGES, DYN,
+                BLOCK_N, CT, PREC, ASM, BODY_STAGES,
             )  # fmt: skip
             # the next pair's pipeline reuses this one's shared memory
             tl.debug_barrier()
@@ -897,24 +811,6 @@ def check_attention_args(
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
 
 
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """int32 ``[>= n]`` zeros for the body pools' counters. The attention launch leaves them zero (the last
-    take of each counter resets it), so one buffer serves every launch on a stream (launches on one stream
-    do not overlap; each stream has its own). A buffer made during CUDA-graph capture is not kept: it is
-    made, zeroed, in every replay."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
-            _COUNTERS[key] = buf
-    return buf
-
-
 def _pair_bit(kb: int, vb: int) -> int:
     return 1 << (4 * (kb.bit_length() - 2) + vb.bit_length() - 2)
 
@@ -1001,14 +897,8 @@ def decode_attention(
     part_acc = torch.empty(b, hq, slots, d, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(b, hq, slots, 2, dtype=torch.float32, device=q.device)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-    # percent of each pair's span left to a pool that the group's programs draw from as they finish (0: fixed
-    # shares); a sweep knob for now
-    dyn = int(os.environ.get("PMKVQ_DECODE_DYN", "0") or 0)
-    if not 0 <= dyn <= 50:
-        raise ValueError(f"PMKVQ_DECODE_DYN must be a percent in 0..50, got {dyn}")
-    counter = _counters(q.device, b * hkv * (slots // num_splits)) if dyn and pairs else q
     views = (q, arena, arena.view(torch.int16), arena.view(torch.int32), arena.view(torch.float32), table,
-             state, lengths, ks, part_acc, part_ml, arena.shape[1], qk_scale, counter)  # fmt: skip
+             state, lengths, ks, part_acc, part_ml, arena.shape[1], qk_scale)  # fmt: skip
     block_m = max(8, triton.next_power_of_2(gq))
     code = sum(
         ((kb.bit_length() - 2) * 4 + vb.bit_length() - 2) << (4 * k) for k, (kb, vb) in enumerate(pairs)
@@ -1021,7 +911,7 @@ def decode_attention(
         WPER=16 * -(-lay.n_window // (16 * edge_splits)), PAIRS=code, NP=len(pairs),
         FAST_MASK=sum(_pair_bit(*p) for p in pairs), HAS_KS=has_ks, BLOCK_M=block_m, BLOCK_N=block_n,
         EBLOCK_N=16, CT=tl.float32 if dt == tl.float32 else tl.float16, DT=dt, PREC=prec, ASM=not interp, EDGE_FIRST=edge_first,
-        BODY_STAGES=body_stages, DYN=dyn if pairs else 0, num_warps=warps,
+        BODY_STAGES=body_stages, num_warps=warps,
         num_stages=stages, **extra,
     )  # fmt: skip
     block_d = min(32, d)

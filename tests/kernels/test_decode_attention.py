@@ -240,21 +240,3 @@ def test_decode_interleaved_table(splits) -> None:
     torch.testing.assert_close(
         kernel.decode_attention(*args), ref.decode_attention(*args), atol=2e-5, rtol=2e-5
     )
-
-
-@pytest.mark.parametrize("dyn", [10, 50])
-def test_decode_chunk_pool(dyn, monkeypatch) -> None:
-    """``PMKVQ_DECODE_DYN`` leaves that percent of each pair's chunks to a pool the group's programs draw
-    from (an atomic counter per row, KV head and pair): the result is the reference's, the counters are back
-    at zero after the launch (so the next launch starts clean), and a percent outside 0..50 is refused by
-    name before anything runs."""
-    args = _two_rows_4_2(seed=71, cut=5, q_seed=73)
-    monkeypatch.setenv("PMKVQ_DECODE_DYN", str(dyn))
-    for _ in range(2):
-        torch.testing.assert_close(
-            kernel.decode_attention(*args), ref.decode_attention(*args), atol=2e-5, rtol=2e-5
-        )
-        assert all(int(c.abs().sum()) == 0 for c in kernel._COUNTERS.values())
-    monkeypatch.setenv("PMKVQ_DECODE_DYN", "51")
-    with pytest.raises(ValueError, match=r"PMKVQ_DECODE_DYN must be a percent in 0\.\.50, got 51"):
-        kernel.decode_attention(*args)
