@@ -36,7 +36,7 @@ def compile_attn(pairs, block_n, warps, stages, maxnreg, block_m, d=128, hq=28, 
            "ROW_BYTES": "i32", "qk_scale": "fp32"}  # fmt: skip
     const = dict(
         HQ=hq, HKV=hkv, D=d, GS=d, G=1, N_SINK=1, NW=128, SB=16, WB=16, WIN_OFF=2112, NUM_SPLITS=12,
-        EDGE_SPLITS=8, SLOTS=12 * len(pairs) + 8, TB=512, MAXC=300, RUNB=64, WPER=16, PAIRS=code, NP=len(pairs),
+        EDGE_SPLITS=8, SLOTS=12 + 8, TB=512, MAXC=300, RUNB=64, WPER=16, PAIRS=code, NP=len(pairs),
         FAST_MASK=sum(dk._pair_bit(*p) for p in pairs), HAS_KS=False, BLOCK_M=block_m, BLOCK_N=block_n,
         EBLOCK_N=16, CT=tl.float16, DT=tl.float16, PREC="tf32", ASM=True, EDGE_FIRST=False, BODY_STAGES=0,
     )  # fmt: skip

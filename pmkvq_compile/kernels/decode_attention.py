@@ -377,6 +377,7 @@ def _body_part(
     length,
     last_chunk,
     present,
+    written,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     D: tl.constexpr,
@@ -385,7 +386,6 @@ def _body_part(
     KB: tl.constexpr,
     VB: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    SLOT0: tl.constexpr,
     SLOTS: tl.constexpr,
     TB: tl.constexpr,
     MAXC: tl.constexpr,
@@ -400,15 +400,16 @@ def _body_part(
     """The body chunks at (KB, VB) bits of one (row, KV head), divided evenly over ``NUM_SPLITS`` programs.
 
     ``present`` holds the pair bits of the row's first ``last_chunk`` chunks (:func:`_attn_kernel` looks at
-    the table once for every pair): a pair absent there stores only (m, l) = (-inf, 0), with no scan.
-    Otherwise its chunks are found in the table (``TB`` >= its ``MAXC`` rows, one vector load): the program
-    takes the part of their span ``[lo, hi)`` inside its share of the row's chunks, and chunks of other
-    pairs inside it are masked; a share with none of them stores (-inf, 0) too."""
+    the table once for every pair): a pair absent there costs no scan. Otherwise its chunks are found in the
+    table (``TB`` >= its ``MAXC`` rows, one vector load): the program takes the part of their span ``[lo,
+    hi)`` inside its share of the row's chunks, and chunks of other pairs inside it are masked. The program's
+    partial slot (``split``) takes every pair: ``written`` says an earlier pair stored it (its (m, l, acc)
+    are folded in); returns whether the slot is written now."""
     GQ: tl.constexpr = HQ // HKV
     mrow = tl.arange(0, BLOCK_M)
     rmask = mrow < GQ
     heads = h * GQ + mrow
-    prow = ((b * HQ + heads) * SLOTS + SLOT0 + split).to(tl.int64)
+    prow = ((b * HQ + heads) * SLOTS + split).to(tl.int64)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     # the cache writes chunks back to back, so a span of one pair is one region array: one pipelined loop
@@ -462,11 +463,22 @@ def _body_part(
             c = c_next
         # the (transposed) accumulator's rows are in _vperm_dims order of the value bits
         dv = _vperm_dims(VB, D)
-        tl.store(part_acc + prow[None, :] * D + dv[:, None], acc, mask=rmask[None, :])
+        pa = part_acc + prow[None, :] * D + dv[:, None]
+        if written:
+            # an earlier pair of this program wrote the slot (the barrier between pairs made it visible to
+            # every thread of the program): fold it in, so a program has one slot whatever its pairs
+            m_o = tl.load(part_ml + prow * 2, mask=rmask, other=float("-inf"))
+            l_o = tl.load(part_ml + prow * 2 + 1, mask=rmask, other=0.0)
+            acc_o = tl.load(pa, mask=rmask[None, :], other=0.0)
+            m_new, m_safe, a_o = _raise_max(m_o, m_i)
+            a_i = tl.math.exp2(m_i - m_safe)
+            acc = acc_o * a_o[None, :] + acc * a_i[None, :]
+            l_i = l_o * a_o + l_i * a_i
+            m_i = m_new
+        tl.store(pa, acc, mask=rmask[None, :])
         _store_ml(part_ml, prow, rmask, m_i, l_i)
-    else:
-        # nothing here: the merge skips slots with l == 0 without reading their accumulators
-        _store_ml(part_ml, prow, rmask, m_i, l_i)
+        written = 1
+    return written
 
 
 @triton.jit
@@ -641,7 +653,8 @@ def _attn_kernel(
     if is_edge:
         _edge_part(
             b, h, ez, q_ptr, a8, a16, a32, af, table, state, lengths, ks_ptr, part_acc, part_ml,
-            ROW_BYTES, qk_scale, HQ, HKV, D, GS, G, N_SINK, NW, SB, WB, WIN_OFF, EDGE_SPLITS, NP * NUM_SPLITS,
+            ROW_BYTES, qk_scale, HQ, HKV, D, GS, G, N_SINK, NW, SB, WB, WIN_OFF, EDGE_SPLITS,
+            NUM_SPLITS if NP > 0 else 0,
             SLOTS, RUNB, WPER, FAST_MASK, HAS_KS, BLOCK_M, EBLOCK_N, DT, PREC,
         )  # fmt: skip
     else:
@@ -654,15 +667,23 @@ def _attn_kernel(
         tv = tl.load(table + idx * 3 + 2, mask=idx < MAXC, other=0)
         pbit = 4 * ((tk > 2).to(tl.int32) + (tk > 4) + (tk > 8)) + (tv > 2).to(tl.int32) + (tv > 4) + (tv > 8)
         present = tl.reduce(tl.where(idx < last_chunk, 1 << pbit, 0), 0, _bit_or)
+        written = 0
         for k in tl.static_range(NP):
-            _body_part(
+            written = _body_part(
                 b, h, z, q_ptr, a16, a32, af, table, ks_ptr, part_acc, part_ml, ROW_BYTES, qk_scale,
-                length, last_chunk, present, HQ, HKV, D, N_SINK, NW, 2 << ((PAIRS >> (4 * k + 2)) & 3),
-                2 << ((PAIRS >> (4 * k)) & 3), NUM_SPLITS, k * NUM_SPLITS, SLOTS, TB, MAXC, HAS_KS, BLOCK_M,
-                BLOCK_N, CT, PREC, ASM, BODY_STAGES,
+                length, last_chunk, present, written, HQ, HKV, D, N_SINK, NW,
+                2 << ((PAIRS >> (4 * k + 2)) & 3), 2 << ((PAIRS >> (4 * k)) & 3), NUM_SPLITS, SLOTS, TB, MAXC,
+                HAS_KS, BLOCK_M, BLOCK_N, CT, PREC, ASM, BODY_STAGES,
             )  # fmt: skip
-            # the next pair's pipeline reuses this one's shared memory
+            # the next pair's pipeline reuses this one's shared memory (and reads the slot this one wrote)
             tl.debug_barrier()
+        if written == 0:
+            # nothing here: the merge skips slots with l == 0 without reading their accumulators
+            GQ: tl.constexpr = HQ // HKV
+            mrow = tl.arange(0, BLOCK_M)
+            prow = ((b * HQ + h * GQ + mrow) * SLOTS + z).to(tl.int64)
+            _store_ml(part_ml, prow, mrow < GQ, tl.full([BLOCK_M], float("-inf"), tl.float32),
+                      tl.zeros([BLOCK_M], tl.float32))  # fmt: skip
 
 
 @triton.jit
@@ -893,7 +914,8 @@ def decode_attention(
         edge_splits = int(os.environ["PMKVQ_DECODE_EDGE"])
         if not 1 <= edge_splits <= num_splits:
             raise ValueError(f"PMKVQ_DECODE_EDGE must be in 1..num_splits={num_splits}, got {edge_splits}")
-    slots = len(pairs) * num_splits + edge_splits
+    # one partial slot per program: body programs take every pair into theirs
+    slots = (num_splits if pairs else 0) + edge_splits
     part_acc = torch.empty(b, hq, slots, d, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(b, hq, slots, 2, dtype=torch.float32, device=q.device)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
