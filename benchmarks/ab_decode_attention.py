@@ -3,9 +3,10 @@ tree's.
 
 Each case builds one cache (Qwen2-7B geometry as in :mod:`bench_decode_attention`, 32768 tokens) and times
 the old module's launcher, then every tree configuration of ``--cfgs`` in ``--rounds`` rounds, then the old
-one again. A configuration is ``"PMKVQ_DECODE_CFG@programs per SM[@edge programs per head[@pool percent]]"``
-(``@0``: the defaults; ``@s11``: 11 splits in every case; the last two set ``PMKVQ_DECODE_EDGE`` and
-``PMKVQ_DECODE_DYN`` (branch ``wip-chunk-pool``); e.g. ``"@0;128,4,2,168@3;@s11@1"``). Each tree
+one again. A configuration is ``"PMKVQ_DECODE_CFG@programs per SM[@edge programs per head[@pool percent[@merge
+cfg]]]"`` (``@0``: the defaults; ``@s11``: 11 splits in every case; the last three set
+``PMKVQ_DECODE_EDGE``, ``PMKVQ_DECODE_DYN`` (branch ``wip-chunk-pool``) and ``PMKVQ_MERGE_CFG``; e.g.
+``"@0;128,4,2,168@3;@s11@1;@0@@@64,4"``). Each tree
 output is checked against the old one's (max |diff| < 2e-2). Prints CUDA-graph medians in us and the fp16
 SDPA time of the same shapes. GPU only::
 
@@ -72,10 +73,11 @@ def main() -> None:
         times: dict[str, list[float]] = {c: [] for c in cfgs}
         for _ in range(a.rounds):
             for c in cfgs:
-                cfg, per, *more = [*c.split("@"), "", ""]
+                cfg, per, *more = [*c.split("@"), "", "", ""]
                 os.environ["PMKVQ_DECODE_CFG"] = cfg
                 os.environ["PMKVQ_DECODE_EDGE"] = more[0]
                 os.environ["PMKVQ_DECODE_DYN"] = more[1]
+                os.environ["PMKVQ_MERGE_CFG"] = more[2]
                 sp = 0
                 if per.startswith("s"):  # a literal split count
                     sp = int(per[1:])
@@ -86,7 +88,7 @@ def main() -> None:
                 if not err < 2e-2:
                     raise AssertionError(f"{name} [{c}]: max |diff| {err} against the old kernel")
                 times[c].append(graph_ms(lambda ca=ca: new.decode_attention(*ca)) * 1e3)
-        for knob in ("PMKVQ_DECODE_CFG", "PMKVQ_DECODE_EDGE", "PMKVQ_DECODE_DYN"):
+        for knob in ("PMKVQ_DECODE_CFG", "PMKVQ_DECODE_EDGE", "PMKVQ_DECODE_DYN", "PMKVQ_MERGE_CFG"):
             os.environ[knob] = ""
         t_old2 = graph_ms(lambda args=args: old.decode_attention(*args)) * 1e3
         res = "; ".join(f"[{c}] " + "/".join(f"{x:.1f}" for x in v) for c, v in times.items())

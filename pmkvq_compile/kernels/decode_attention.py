@@ -936,13 +936,30 @@ def decode_attention(
         BODY_STAGES=body_stages, num_warps=warps,
         num_stages=stages, **extra,
     )  # fmt: skip
-    block_d = min(32, d)
+    block_d, merge_warps = _merge_cfg(d)
     _merge_kernel[(b, hq, d // block_d)](
         q, k_new, v_new, part_acc, part_ml, out, t, qk_scale,
         HQ=hq, HKV=hkv, D=d, NUM_SPLITS=slots, SPLIT_P2=min(256, triton.next_power_of_2(slots)),
-        BLOCK_T=min(16, triton.next_power_of_2(max(t, 1))), BLOCK_D=block_d, num_warps=4,
+        BLOCK_T=min(16, triton.next_power_of_2(max(t, 1))), BLOCK_D=block_d, num_warps=merge_warps,
     )  # fmt: skip
     return out
+
+
+def _merge_cfg(d: int) -> tuple[int, int]:
+    """Output dims per merge program and its warps: ``PMKVQ_MERGE_CFG="block_d,num_warps"`` (a sweep knob;
+    block_d a power of two in 16..head_dim, warps 1, 2, 4 or 8), else (32, 4)."""
+    raw = os.environ.get("PMKVQ_MERGE_CFG", "")
+    if not raw:
+        return min(32, d), 4
+    parts = raw.split(",")
+    ok = len(parts) == 2 and all(x.strip().isdigit() for x in parts)
+    block_d, warps = (int(x) for x in parts) if ok else (0, 0)
+    if not (16 <= block_d <= d and block_d & (block_d - 1) == 0 and warps in (1, 2, 4, 8)):
+        raise ValueError(
+            f"PMKVQ_MERGE_CFG must be 'block_d,num_warps' with block_d a power of two in 16..{d} and "
+            f"num_warps 1, 2, 4 or 8, got {raw!r}"
+        )
+    return block_d, warps
 
 
 def sm_scale_default(head_dim: int) -> float:

@@ -240,3 +240,17 @@ def test_decode_interleaved_table(splits) -> None:
     torch.testing.assert_close(
         kernel.decode_attention(*args), ref.decode_attention(*args), atol=2e-5, rtol=2e-5
     )
+
+
+@pytest.mark.parametrize("cfg", ["16,1", "64,2"])
+def test_decode_merge_cfg(cfg, monkeypatch) -> None:
+    """``PMKVQ_MERGE_CFG`` (a sweep knob: output dims per merge program and its warps) changes how the merge
+    is cut, not its result; a malformed value is refused by name before anything runs."""
+    args = _two_rows_4_2(seed=81, cut=3, q_seed=83)
+    monkeypatch.setenv("PMKVQ_MERGE_CFG", cfg)
+    torch.testing.assert_close(
+        kernel.decode_attention(*args), ref.decode_attention(*args), atol=2e-5, rtol=2e-5
+    )
+    monkeypatch.setenv("PMKVQ_MERGE_CFG", "48,4")
+    with pytest.raises(ValueError, match=r"PMKVQ_MERGE_CFG must be .* got '48,4'"):
+        kernel.decode_attention(*args)
