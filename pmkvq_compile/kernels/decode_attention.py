@@ -4,17 +4,18 @@ Two launches, each over a grid fixed by static shapes (B, Hkv, ``num_splits``) a
 state, so a step can be captured in a CUDA graph:
 
 * :func:`_attn_kernel`: ``num_splits`` programs per (row, KV head) share the body chunks evenly and take
-  each bit pair of the layout's ERS schedule with both bits <= 8 in turn (:func:`_body_part`). The codes
-  are the A operand of both dot products (``S^T = K codes @ q^T`` and ``acc^T = V codes^T @ P``), unpacked
-  in registers from packed words that the pipeliner streams into shared memory: each code is masked where
-  it lies in its byte, two per ``lop3``, with one shift per word for the upper bytes, and the place factors
-  ride on the queries and the accumulator rows; the GQA group's query heads (padded to 8) are the columns,
-  so K/V codes are read once per group. The affine form keeps the codes exact in float16. Programs beside
-  them run
-  :func:`_edge_part`: the sink, the window (sliced over the programs) and any chunk the pairs do not take
-  (16-bit chunks, pairs outside the schedule, several groups per head), dequantized per element.
-* :func:`_merge_kernel` (one program per row, query head and 32 output dims): the step's own new tokens in
-  full precision, and the log-sum-exp merge of every partial.
+  each bit pair of the layout's ERS schedule with both bits <= 8 in turn (:func:`_body_part`), all pairs
+  into one partial slot per program (the row's table is read once; a pair absent from it is skipped). The
+  codes are the A operand of both dot products (``S^T = K codes @ q^T`` and ``acc^T = V codes^T @ P``),
+  unpacked in registers from packed words that the pipeliner streams into shared memory: each code is
+  masked where it lies in its byte, two per ``lop3``, with one shift per word for the upper bytes, and the
+  place factors ride on the queries and the accumulator rows; the GQA group's query heads (padded to 8) are
+  the columns, so K/V codes are read once per group. The affine form keeps the codes exact in float16.
+  Programs beside them run :func:`_edge_part`: the sink, the window (sliced over the programs) and any
+  chunk the pairs do not take (16-bit chunks, pairs outside the schedule, several groups per head),
+  dequantized per element.
+* :func:`_merge_kernel` (one program per row, query head and 32 output dims; ``PMKVQ_MERGE_CFG`` sweeps the
+  cut): the step's own new tokens in full precision, and the log-sum-exp merge of every partial.
 """
 
 from __future__ import annotations
