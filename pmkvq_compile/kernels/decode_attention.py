@@ -361,6 +361,13 @@ def _bit_or(a, b):
 
 
 @triton.jit
+def _pair_index(kb, vb):
+    """``4 (log2 kb - 1) + log2 vb - 1`` of int32 bit widths in {2, 4, 8, 16}: the bit of the pair (kb, vb)
+    in ``FAST_MASK`` and in the row's ``present`` set (the host's :func:`_pair_bit`)."""
+    return 4 * ((kb > 2).to(tl.int32) + (kb > 4) + (kb > 8)) + (vb > 2).to(tl.int32) + (vb > 4) + (vb > 8)
+
+
+@triton.jit
 def _body_part(
     b,
     h,
@@ -422,7 +429,7 @@ def _body_part(
     off_lo = 0
     packed = 0
     # a pair absent from the row's chunks (``present``: their pair bits) costs no scan
-    if (present >> (4 * ((KB > 2) + (KB > 4) + (KB > 8)) + (VB > 2) + (VB > 4) + (VB > 8))) & 1:
+    if (present >> _pair_index(tl.full([], KB, tl.int32), tl.full([], VB, tl.int32))) & 1:
         idx = tl.arange(0, TB)
         inr = idx < last_chunk
         intab = idx < MAXC
@@ -542,9 +549,7 @@ def _edge_part(
     chunk = (seg >= 1) & (seg <= last_chunk) & (seg < s_end)
     kb = tl.load(table + (seg - 1) * 3 + 1, mask=chunk, other=2)
     vb = tl.load(table + (seg - 1) * 3 + 2, mask=chunk, other=2)
-    ki = (kb == 4).to(tl.int32) + 2 * (kb == 8).to(tl.int32) + 3 * (kb == 16).to(tl.int32)
-    vi = (vb == 4).to(tl.int32) + 2 * (vb == 8).to(tl.int32) + 3 * (vb == 16).to(tl.int32)
-    fast = ((tl.full([RUNB], FAST_MASK, tl.int32) >> (ki * 4 + vi)) & 1) == 1
+    fast = ((tl.full([RUNB], FAST_MASK, tl.int32) >> _pair_index(kb, vb)) & 1) == 1
     todo = (seg < s_end) & ((seg == 0) | (chunk & (fast == 0)))
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -666,8 +671,7 @@ def _attn_kernel(
         idx = tl.arange(0, TB)
         tk = tl.load(table + idx * 3 + 1, mask=idx < MAXC, other=0)
         tv = tl.load(table + idx * 3 + 2, mask=idx < MAXC, other=0)
-        pbit = 4 * ((tk > 2).to(tl.int32) + (tk > 4) + (tk > 8)) + (tv > 2).to(tl.int32) + (tv > 4) + (tv > 8)
-        present = tl.reduce(tl.where(idx < last_chunk, 1 << pbit, 0), 0, _bit_or)
+        present = tl.reduce(tl.where(idx < last_chunk, 1 << _pair_index(tk, tv), 0), 0, _bit_or)
         written = 0
         for k in tl.static_range(NP):
             written = _body_part(
