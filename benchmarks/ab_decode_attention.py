@@ -17,25 +17,15 @@ SDPA time of the same shapes. GPU only::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_decode_attention import HKV, HQ, NW, D, graph_ms, make_cache, sdpa_ms
+from bench_decode_attention import HKV, body_chunk_count, graph_ms, load_kernel_copy, sdpa_ms, step_args
 
 from pmkvq_compile.kernels import decode_attention as new
-
-
-def load_old(path: str):
-    """The old launcher module, imported as a sibling of the tree's (its relative imports resolve)."""
-    spec = importlib.util.spec_from_file_location("pmkvq_compile.kernels._ab_old", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main() -> None:
@@ -45,9 +35,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--length", type=int, default=32768)
     a = ap.parse_args()
-    old = load_old(a.old)
+    old = load_kernel_copy(a.old, "_ab_old")
     n = a.length
-    nc = (n - 1) // NW - 1 if (n - 1) % NW == 0 else (n - 1) // NW
+    nc = body_chunk_count(n)
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(torch.cuda.get_device_name(), "SMs", sms)
@@ -62,11 +52,7 @@ def main() -> None:
     ]
     cfgs = a.cfgs.split(";")
     for name, b, chunks in cases:
-        lay, arena, state, table = make_cache(b, n, chunks)
-        q = torch.randn(b, HQ, D, dtype=torch.float16, device="cuda")
-        kn = torch.randn(b, HKV, 1, D, dtype=torch.float16, device="cuda")
-        lengths = torch.full((b,), n, dtype=torch.int32, device="cuda")
-        args = (q, kn, kn, arena, state, table, lengths, None, lay.to_list(), D**-0.5, 0)
+        lay, args = step_args(b, n, chunks)
         os.environ["PMKVQ_DECODE_CFG"] = ""
         ref = old.decode_attention(*args).float()
         t_old = graph_ms(lambda args=args: old.decode_attention(*args)) * 1e3
@@ -93,7 +79,7 @@ def main() -> None:
         t_old2 = graph_ms(lambda args=args: old.decode_attention(*args)) * 1e3
         res = "; ".join(f"[{c}] " + "/".join(f"{x:.1f}" for x in v) for c, v in times.items())
         print(f"{name}: old {t_old:.1f}/{t_old2:.1f} us; tree {res}", flush=True)
-        del arena
+        del args
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ full-body ERS pass (``pmkvq::requantize_body``, 4 -> 2 bits). GPU only; run: ``p
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +68,32 @@ def make_cache(batch: int, length: int, chunk_bits: list[tuple[int, int]], spare
     return lay, arena, state, table
 
 
+def body_chunk_count(length: int) -> int:
+    """Body chunks of a :func:`make_cache` cache of ``length`` tokens (one sink token, 1..NW in the window)."""
+    return (length - 1) // NW - 1 if (length - 1) % NW == 0 else (length - 1) // NW
+
+
+def step_args(batch: int, length: int, chunk_bits: list[tuple[int, int]]):
+    """A :func:`make_cache` cache and one decode step's arguments for ``decode_attention``: fp16 queries, one
+    new token used as both key and value, every row at ``length``, default splits (the last argument).
+    Returns ``(layout, args)``; ``args[3]`` is the arena."""
+    lay, arena, state, table = make_cache(batch, length, chunk_bits)
+    q = torch.randn(batch, HQ, D, dtype=torch.float16, device="cuda")
+    kn = torch.randn(batch, HKV, 1, D, dtype=torch.float16, device="cuda")
+    lengths = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+    return lay, (q, kn, kn, arena, state, table, lengths, None, lay.to_list(), D**-0.5, 0)
+
+
+def load_kernel_copy(path: str, name: str):
+    """A copy of ``decode_attention.py`` at ``path``, imported as ``pmkvq_compile.kernels.<name>``: a sibling
+    of the tree's kernel module, so its relative imports resolve."""
+    spec = importlib.util.spec_from_file_location(f"pmkvq_compile.kernels.{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def bench_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
@@ -109,7 +137,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     length = args.length
-    nc = (length - 1) // NW - 1 if (length - 1) % NW == 0 else (length - 1) // NW
+    nc = body_chunk_count(length)
     copy_bw = copy_bandwidth()
     cases = [
         ("B8 4-bit", 8, [(4, 4)] * nc),

@@ -15,7 +15,6 @@ program's time were spread evenly over three slots per SM (the default launch's 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -87,11 +86,9 @@ def load_instrumented():
     path = os.path.join(tempfile.mkdtemp(prefix="pmkvq_trace_"), "decode_attention_traced.py")
     with open(path, "w") as f:
         f.write(src)
-    spec = importlib.util.spec_from_file_location("pmkvq_compile.kernels._traced", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from bench_decode_attention import load_kernel_copy
+
+    return load_kernel_copy(path, "_traced")
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -101,7 +98,7 @@ def _pct(xs: list[float], p: float) -> float:
 
 def main() -> None:
     import torch
-    from bench_decode_attention import HKV, HQ, NW, D, graph_ms, make_cache
+    from bench_decode_attention import body_chunk_count, graph_ms, step_args
 
     from pmkvq_compile.kernels import decode_attention as cur
 
@@ -114,7 +111,7 @@ def main() -> None:
     a = ap.parse_args()
     mod = load_instrumented()
     n = a.length
-    nc = (n - 1) // NW - 1 if (n - 1) % NW == 0 else (n - 1) // NW
+    nc = body_chunk_count(n)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(torch.cuda.get_device_name(), "SMs", sms, flush=True)
     torch.manual_seed(0)
@@ -122,11 +119,7 @@ def main() -> None:
     results = {}
     for case in a.cases.split(";"):
         batch, bits = int(case.split()[0][1:]), int(case.split()[1].split("-")[0])
-        lay, arena, state, table = make_cache(batch, n, [(bits, bits)] * nc)
-        q = torch.randn(batch, HQ, D, dtype=torch.float16, device="cuda")
-        kn = torch.randn(batch, HKV, 1, D, dtype=torch.float16, device="cuda")
-        lengths = torch.full((batch,), n, dtype=torch.int32, device="cuda")
-        args = (q, kn, kn, arena, state, table, lengths, None, lay.to_list(), D**-0.5, 0)
+        _, args = step_args(batch, n, [(bits, bits)] * nc)
         err = (mod.decode_attention(*args).float() - cur.decode_attention(*args).float()).abs().max().item()
         if not err < 2e-2:
             raise AssertionError(f"{case}: the instrumented copy differs from the tree's kernel by {err}")
@@ -165,7 +158,7 @@ def main() -> None:
             json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}),
             flush=True,
         )
-        del arena
+        del args
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
