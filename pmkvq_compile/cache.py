@@ -10,6 +10,9 @@ Each region (a :class:`Segment`) stores, from its byte offset on::
     V codes  uint8 [Hkv, capacity, D * value_bits // 8]
     meta     float32 [4, Hkv, capacity, G]                 (k_scale, k_zero, v_scale, v_zero)
 
+(meta is float16, clamped to +-65504 and rounded to nearest even, where the plan's ``scale_dtype`` is
+``"float16"`` and both bit-widths are at most 8.)
+
 Body chunks hold ``n_window`` tokens each and carry their own bit-widths, so the body can hold segments of
 different bit-widths side by side. Tokens flow: sink first, then the window; when the window is full it is
 moved into the body (its 16-bit codes shrunk by ERS to the body's current bits). After every update, while
@@ -30,7 +33,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import quant
-from .plan import LayerPlan, ModelGeometry, Plan, next_body_bits
+from .kernels.layout import meta_cast
+from .plan import LayerPlan, ModelGeometry, Plan, meta_bytes, next_body_bits
 
 __all__ = ["BudgetExceededError", "ProgressiveKVCache", "ProgressiveLayer", "Segment", "next_body_bits"]
 
@@ -55,11 +59,19 @@ class Segment:
     key_bits: int
     value_bits: int
 
-    def parts(self, num_kv_heads: int, head_dim: int, groups: int) -> tuple[int, int, int, int]:
+    def parts(
+        self, num_kv_heads: int, head_dim: int, groups: int, scale_dtype: str = "float32"
+    ) -> tuple[int, int, int, int]:
         """Byte offsets of K codes, V codes, meta, and the end."""
         kc = num_kv_heads * self.capacity * head_dim * self.key_bits // 8
         vc = num_kv_heads * self.capacity * head_dim * self.value_bits // 8
-        meta = 4 * num_kv_heads * self.capacity * groups * 4
+        meta = (
+            4
+            * num_kv_heads
+            * self.capacity
+            * groups
+            * meta_bytes(self.key_bits, self.value_bits, scale_dtype)
+        )
         return self.offset, self.offset + kc, self.offset + kc + vc, self.offset + kc + vc + meta
 
 
@@ -176,14 +188,17 @@ class ProgressiveLayer(CacheLayerMixin):
 
     # ---- views ---------------------------------------------------------------------------------------------
     def views(self, seg: Segment) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(k_codes [B,Hkv,cap,D*kb/8] u8, v_codes [B,Hkv,cap,D*vb/8] u8, meta [B,4,Hkv,cap,G] f32)``."""
+        """``(k_codes [B,Hkv,cap,D*kb/8] u8, v_codes [B,Hkv,cap,D*vb/8] u8, meta [B,4,Hkv,cap,G])``, meta
+        float32 or float16 (see the module docstring)."""
         a = self.arena
         assert a is not None
         b = a.shape[0]
-        k0, v0, m0, end = seg.parts(self.hkv, self.d, self.groups)
+        sd = self.plan.scale_dtype
+        k0, v0, m0, end = seg.parts(self.hkv, self.d, self.groups, sd)
         kc = a[:, k0:v0].view(b, self.hkv, seg.capacity, self.d * seg.key_bits // 8)
         vc = a[:, v0:m0].view(b, self.hkv, seg.capacity, self.d * seg.value_bits // 8)
-        meta = a[:, m0:end].view(torch.float32).view(b, 4, self.hkv, seg.capacity, self.groups)
+        mdt = torch.float16 if meta_bytes(seg.key_bits, seg.value_bits, sd) == 2 else torch.float32
+        meta = a[:, m0:end].view(mdt).view(b, 4, self.hkv, seg.capacity, self.groups)
         return kc, vc, meta
 
     def _write(self, seg: Segment, start: int, kq, ks, kz, vq, vs, vz) -> None:
@@ -192,14 +207,14 @@ class ProgressiveLayer(CacheLayerMixin):
         t = kq.shape[2]
         kc[:, :, start : start + t] = quant.pack(kq, seg.key_bits)
         vc[:, :, start : start + t] = quant.pack(vq, seg.value_bits)
-        meta[:, :, :, start : start + t] = torch.stack([ks, kz, vs, vz], dim=1)
+        meta[:, :, :, start : start + t] = meta_cast(torch.stack([ks, kz, vs, vz], dim=1), meta.dtype)
 
     def _read(self, seg: Segment, n: int):
         """Codes (int32 [B,Hkv,n,D]) and meta (float32 [B,Hkv,n,G]) of the first ``n`` tokens of ``seg``."""
         kc, vc, meta = self.views(seg)
         kq = quant.unpack(kc[:, :, :n], seg.key_bits)
         vq = quant.unpack(vc[:, :, :n], seg.value_bits)
-        m = meta[:, :, :, :n]
+        m = meta[:, :, :, :n].float()
         return kq, m[:, 0], m[:, 1], vq, m[:, 2], m[:, 3]
 
     def _quantize(self, k: torch.Tensor, v: torch.Tensor, kb: int, vb: int):

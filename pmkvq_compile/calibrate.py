@@ -39,6 +39,7 @@ def check_calibration_args(
     group_size: int | None = None,
     n_sink: int = 1,
     n_window: int = 128,
+    scale_dtype: str = "float32",
 ) -> tuple[Plan, int, tuple[int, ...]]:
     """Validate everything that needs no model weights; returns ``(prototype plan, budget bytes, bit choices)``.
 
@@ -55,7 +56,15 @@ def check_calibration_args(
             f"max_len={max_len} exceeds the model's max_position_embeddings={geo.max_position_embeddings}; "
             f"use max_len <= {geo.max_position_embeddings}"
         )
-    proto = Plan.uniform(geo, min(bits), max_len, group_size=group_size, n_sink=n_sink, n_window=n_window)
+    proto = Plan.uniform(
+        geo,
+        min(bits),
+        max_len,
+        group_size=group_size,
+        n_sink=n_sink,
+        n_window=n_window,
+        scale_dtype=scale_dtype,
+    )
     nbytes = parse_budget(budget, proto)
     options = kv_options(bits, separate_kv)
     floor = min_budget(proto, options)
@@ -85,6 +94,7 @@ def calibrate(
     group_size: int | None = None,
     n_sink: int = 1,
     n_window: int = 128,
+    scale_dtype: str = "float32",
     seed: int = 0,
     progress: bool = True,
 ) -> Plan:
@@ -104,6 +114,8 @@ def calibrate(
         reparam_bits: bits the alpha search quantizes K and V at; default the lowest bit choice.
         pi: positional interpolation: samples stand for ``effective_len`` tokens (default ``max_len``).
         group_size, n_sink, n_window: the plan's quantizer group and regions.
+        scale_dtype: ``"float16"`` stores the scales and zeros of tokens at 8 bits or fewer as float16
+            (:class:`pmkvq_compile.Plan`); the memory model, and so the integer program, count them so.
 
     Raises:
         ValueError: bad bits, ``max_len`` above the model's positions, bad or infeasible budget (naming the
@@ -119,6 +131,7 @@ def calibrate(
         group_size=group_size,
         n_sink=n_sink,
         n_window=n_window,
+        scale_dtype=scale_dtype,
     )
     rbits = min(bits) if reparam_bits is None else quant.check_bits(reparam_bits, what="reparam_bits")
     eff = (effective_len or max_len) if pi else None

@@ -3,10 +3,14 @@
 A plan is saved as a directory holding ``plan.json`` (everything but tensors) and ``tensors.safetensors``
 (optional per-layer key reparameterization scales). Nothing is pickled.
 
-The memory model (used by the cache, the integer program, the evaluation) counts codes *and* the float32
-scale and zero of every group, for keys and values:
+The memory model (used by the cache, the integer program, the evaluation) counts codes *and* the scale and
+zero of every group, for keys and values:
 
-``token_bytes(kb, vb) = Hkv * (D * kb / 8 + D * vb / 8 + 4 * 4 * (D / group_size))``
+``token_bytes(kb, vb) = Hkv * (D * kb / 8 + D * vb / 8 + 4 * m * (D / group_size))``
+
+with ``m`` = 4 bytes (float32 scale and zero). A plan with ``scale_dtype="float16"`` stores the scale and zero
+of tokens whose codes have at most 8 bits (both K and V) as float16 (``m`` = 2), as KIVI and the research
+code do; 16-bit tokens keep float32 (a float16 zero point would swamp 16-bit codes).
 
 A layer's storage is ``n_sink`` sink tokens at ``sink_bits``, a reserved window of ``n_window`` tokens at
 ``window_bits`` and a body of whole ``n_window``-token chunks. Its budget at final bits ``(kb, vb)`` is the
@@ -31,17 +35,19 @@ from .quant import check_bits
 
 __all__ = [
     "FORMAT_VERSION",
+    "SCALE_DTYPES",
     "LayerPlan",
     "ModelGeometry",
     "Plan",
     "PlanMismatchError",
+    "meta_bytes",
     "next_body_bits",
     "token_bytes",
 ]
 
 FORMAT_VERSION = 1
 _FORMAT_NAME = "pmkvq-plan"
-META_BYTES_PER_GROUP = 16  # float32 scale + zero, for keys and for values
+SCALE_DTYPES: tuple[str, ...] = ("float32", "float16")
 
 
 class PlanMismatchError(ValueError):
@@ -127,11 +133,49 @@ def next_body_bits(key_bits: int, value_bits: int, final: tuple[int, int]) -> tu
     return kb, vb
 
 
-def token_bytes(num_kv_heads: int, head_dim: int, group_size: int, key_bits: int, value_bits: int) -> int:
-    """Bytes one token needs in one layer: K and V codes plus float32 scale and zero per group."""
+def check_scale_dtype(scale_dtype: Any) -> str:
+    """Return ``scale_dtype`` or raise ValueError naming it and :data:`SCALE_DTYPES`."""
+    if not isinstance(scale_dtype, str) or scale_dtype not in SCALE_DTYPES:
+        raise ValueError(
+            f"scale_dtype={scale_dtype!r} is not supported; expected one of {list(SCALE_DTYPES)}"
+        )
+    return scale_dtype
+
+
+def check_half_meta_alignment(
+    num_kv_heads: int, groups: int, n_window: int, n_sink: int, sink_bits: int
+) -> None:
+    """float16 scales keep every region a multiple of 16 bytes (the kernels' vector loads rely on it) only
+    when ``num_kv_heads * capacity * groups`` is even for the window (body chunks) and a sink at <= 8 bits."""
+    caps = [("n_window", n_window)] + ([("n_sink", n_sink)] if n_sink and sink_bits <= 8 else [])
+    for name, cap in caps:
+        if (num_kv_heads * cap * groups) % 2:
+            raise ValueError(
+                f'scale_dtype="float16" needs num_kv_heads * {name} * groups even, got {num_kv_heads} * {cap} * '
+                f'{groups}; use an even {name} or scale_dtype="float32"'
+            )
+
+
+def meta_bytes(key_bits: float, value_bits: float, scale_dtype: str = "float32") -> int:
+    """Bytes of one stored scale or zero of a token at these bits: 2 with ``scale_dtype="float16"`` when both
+    widths are at most 8 bits, else 4 (float32)."""
+    return 2 if check_scale_dtype(scale_dtype) == "float16" and max(key_bits, value_bits) <= 8 else 4
+
+
+def token_bytes(
+    num_kv_heads: int,
+    head_dim: int,
+    group_size: int,
+    key_bits: int,
+    value_bits: int,
+    scale_dtype: str = "float32",
+) -> int:
+    """Bytes one token needs in one layer: K and V codes plus scale and zero per group (:func:`meta_bytes`)."""
     groups = head_dim // group_size
     return num_kv_heads * (
-        head_dim * key_bits // 8 + head_dim * value_bits // 8 + META_BYTES_PER_GROUP * groups
+        head_dim * key_bits // 8
+        + head_dim * value_bits // 8
+        + 4 * meta_bytes(key_bits, value_bits, scale_dtype) * groups
     )
 
 
@@ -192,6 +236,7 @@ class Plan:
     sink_bits: int = 16
     window_bits: int = 16
     key_scales_folded: bool = False
+    scale_dtype: str = "float32"
     metadata: dict[str, str] = field(default_factory=dict)
     version: int = FORMAT_VERSION
 
@@ -231,6 +276,11 @@ class Plan:
                 raise ValueError(f"window_bits={self.window_bits} must be >= init_bits={self.init_bits}")
         if self.max_len <= self.n_sink:
             raise ValueError(f"max_len={self.max_len} must exceed n_sink={self.n_sink}")
+        check_scale_dtype(self.scale_dtype)
+        if self.scale_dtype == "float16":
+            check_half_meta_alignment(
+                g.num_kv_heads, g.head_dim // self.group_size, self.n_window, self.n_sink, self.sink_bits
+            )
         if g.max_position_embeddings is not None and self.max_len > g.max_position_embeddings:
             raise ValueError(
                 f"max_len={self.max_len} exceeds the model's max_position_embeddings="
@@ -251,7 +301,9 @@ class Plan:
     def token_bytes(self, key_bits: int, value_bits: int) -> int:
         """Bytes of one token of one layer at these bits (codes + scales + zeros)."""
         g = self.geometry
-        return token_bytes(g.num_kv_heads, g.head_dim, self.group_size, key_bits, value_bits)
+        return token_bytes(
+            g.num_kv_heads, g.head_dim, self.group_size, key_bits, value_bits, self.scale_dtype
+        )
 
     @property
     def sink_bytes(self) -> int:
@@ -301,9 +353,13 @@ class Plan:
         sink_bits: int = 16,
         window_bits: int = 16,
         group_size: int | None = None,
+        scale_dtype: str = "float32",
         metadata: dict[str, str] | None = None,
     ) -> Plan:
-        """Every layer gets the budget of ``bits`` (keys) / ``value_bits`` (values, default ``bits``) at ``max_len``."""
+        """Every layer gets the budget of ``bits`` (keys) / ``value_bits`` (values, default ``bits``) at ``max_len``.
+
+        ``scale_dtype="float16"`` stores the scales and zeros of tokens at 8 bits or fewer as float16 (see the
+        module docstring); it needs ``num_kv_heads * n_window * head_dim / group_size`` even."""
         geo = ModelGeometry.from_config(config)
         gs = min(geo.head_dim, 128) if group_size is None else group_size
         kb = check_bits(bits)
@@ -318,6 +374,7 @@ class Plan:
             init_bits=init_bits,
             sink_bits=sink_bits,
             window_bits=window_bits,
+            scale_dtype=scale_dtype,
             metadata=dict(metadata or {"source": "uniform"}),
         )
         budget = proto.budget_for(kb, vb)
@@ -371,6 +428,7 @@ class Plan:
             "sink_bits": self.sink_bits,
             "window_bits": self.window_bits,
             "key_scales_folded": self.key_scales_folded,
+            "scale_dtype": self.scale_dtype,
             "metadata": self.metadata,
             "layers": [
                 {
@@ -448,6 +506,7 @@ class Plan:
             sink_bits=d["sink_bits"],
             window_bits=d["window_bits"],
             key_scales_folded=bool(d["key_scales_folded"]),
+            scale_dtype=d.get("scale_dtype", "float32"),
             metadata=d.get("metadata", {}),
             version=d["version"],
         )
@@ -470,6 +529,6 @@ class Plan:
             f"total {self.total_budget_bytes:,} bytes per sequence of {self.max_len} tokens; avg "
             f"{self.average_bits():.2f} bits; {g.model_type or 'model'} {g.num_layers}L x {g.num_kv_heads} KV "
             f"heads x {g.head_dim}; sink {self.n_sink}@{self.sink_bits}b, window {self.n_window}@"
-            f"{self.window_bits}b, group {self.group_size}"
+            f"{self.window_bits}b, group {self.group_size}, scales {self.scale_dtype}"
         )
         return "\n".join(rows)

@@ -97,6 +97,50 @@ def test_progression_token_by_token(bits: int, n_sink: int) -> None:
     assert cache.get_seq_length() == 41
 
 
+@pytest.mark.parametrize("bits", [2, 8])
+def test_progression_with_float16_scales(bits: int) -> None:
+    """``scale_dtype="float16"``: the body follows the same rule with 8 fewer bytes per token and head at
+    <= 8 bits; what it holds is the float32-scale cache's contents up to float16 rounding of each stored
+    scale and zero (2^-11 relative, compounded by at most 3 ERS levels), and it equals, bit for bit, the
+    arena reference (kernels/reference.py, the ops' CPU path: a separate implementation) fed the same
+    tokens."""
+    from pmkvq_compile.kernels import reference as ref
+    from pmkvq_compile.kernels.layout import ArenaLayout
+
+    torch.manual_seed(bits + 1)
+    plan = make_plan(bits, 41, scale_dtype="float16")
+    assert plan.token_bytes(bits, bits) == 2 * (2 * 16 * bits // 8 + 8)
+    cache = ProgressiveKVCache(plan, GEO)
+    lay = ArenaLayout.from_plan(plan, 0)
+    arena = torch.zeros(2, lay.budget_bytes, dtype=torch.uint8)
+    state, table = lay.initial_state(), lay.empty_table()
+    k = torch.randn(2, 2, 41, 16) * 2
+    v = torch.randn(2, 2, 41, 16)
+    plan32 = make_plan(bits, 41)
+    pos = compared = compared_low = 0
+    for step in [7, *([1] * 34)]:
+        cache.update(k[:, :, pos : pos + step], v[:, :, pos : pos + step], 0)
+        ref.append(
+            arena, state, table, k[:, :, pos : pos + step], v[:, :, pos : pos + step], None, lay.to_list()
+        )
+        pos += step
+        kd, vd = cache.layers[0].dequantized()
+        kr, vr = ref.dequantize_past(arena, state, table, lay.to_list(), pos)
+        assert torch.equal(kd, kr) and torch.equal(vd, vr)
+        assert cache.body_bits(0) == tuple(state[3:5].tolist())
+        assert cache.nbytes(0) <= plan.layers[0].budget_bytes
+        # against the float32-scale contents where that cache's body has the same bits: each stored value
+        # is within 4 roundings of 2^-11 (relative to the values' range)
+        if reference_state(plan32, pos)[2] == cache.body_bits(0)[0]:
+            k32 = reference_cache_contents(plan32, k[:, :, :pos])
+            assert (kd - k32).abs().max() <= 4 * 2**-11 * 2 * k[:, :, :pos].abs().amax()
+            compared += 1
+            compared_low += cache.body_bits(0)[0] <= 8
+    assert cache.body_bits(0) == (bits, bits) and compared >= 10 and compared_low >= 3
+    # the smaller scales let the same budget hold more tokens at higher bits: never fewer bits than float32
+    assert plan.layers[0].budget_bytes < make_plan(bits, 41).layers[0].budget_bytes
+
+
 def test_prefill_at_once_equals_token_by_token() -> None:
     torch.manual_seed(0)
     plan = make_plan(4, 40)

@@ -29,6 +29,39 @@ def test_uniform_budget_formula() -> None:
     assert plan.budget_for(8, 2) == 1 * tok16 + 128 * tok16 + chunks * 128 * 2 * (64 + 16 + 16)
 
 
+def test_float16_scales_budget_formula(tmp_path) -> None:
+    """``scale_dtype="float16"``: scale and zero of <= 8-bit tokens take 2 bytes each (16-bit ones keep 4), so
+    the budget shrinks by 8 bytes per group per head for every body token; saved and loaded with the plan,
+    and a plan.json from before the field loads as float32."""
+    plan = Plan.uniform(GEO, 4, 1000, n_sink=1, n_window=128, scale_dtype="float16")
+    tok16 = 2 * (64 * 2 + 64 * 2 + 16)
+    tok4 = 2 * (32 + 32 + 8)
+    chunks = (1000 - 1) // 128
+    assert plan.layers[0].budget_bytes == 129 * tok16 + chunks * 128 * tok4
+    assert plan.token_bytes(8, 16) == 2 * (64 + 128 + 16) and plan.token_bytes(8, 8) == 2 * (64 + 64 + 8)
+    back = Plan.load(plan.save(tmp_path / "p"))
+    assert back == plan and back.scale_dtype == "float16"
+    old = Plan.uniform(GEO, 4, 1000).save(tmp_path / "old")
+    d = json.loads((old / "plan.json").read_text())
+    del d["scale_dtype"]
+    (old / "plan.json").write_text(json.dumps(d))
+    assert Plan.load(old).scale_dtype == "float32"
+
+
+def test_float16_scales_refusals() -> None:
+    with pytest.raises(
+        ValueError, match=r"scale_dtype='bfloat16' is not supported; expected one of \['float32', 'float16'\]"
+    ):
+        Plan.uniform(GEO, 4, 512, scale_dtype="bfloat16")
+    # an odd number of (head, token, group) scales would leave regions off the kernels' 16-byte alignment
+    g1 = ModelGeometry("llama", 1, 3, 1, 64, 192)
+    with pytest.raises(ValueError, match=r"num_kv_heads \* n_window \* groups even, got 1 \* 5 \* 1"):
+        Plan.uniform(g1, 4, 512, n_window=5, scale_dtype="float16")
+    with pytest.raises(ValueError, match=r"n_sink \* groups even, got 1 \* 1 \* 1"):
+        Plan.uniform(g1, 4, 512, n_window=8, sink_bits=8, init_bits=8, window_bits=8, scale_dtype="float16")
+    assert Plan.uniform(g1, 4, 512, n_window=8, scale_dtype="float16").n_sink == 1  # a 16-bit sink is fine
+
+
 def test_group_size_default_is_min_of_head_dim_and_128() -> None:
     g = ModelGeometry("llama", 1, 2, 1, 256, 512)
     assert Plan.uniform(g, 4, 512).group_size == 128

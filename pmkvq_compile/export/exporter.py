@@ -57,6 +57,11 @@ def check_exportable(model: Any, plan: Plan, flavor: str) -> None:
     plan.check_model(ModelGeometry.from_config(config))
     if plan.n_sink < 1:
         raise ValueError(f"n_sink={plan.n_sink} is not supported by the export; use a plan with n_sink >= 1")
+    if flavor == "standard" and plan.scale_dtype != "float32":
+        raise ValueError(
+            f"scale_dtype={plan.scale_dtype!r} is not supported by flavor 'standard' (its graphs keep float32 "
+            "scales and zeros); export with flavor='custom' or a plan with scale_dtype='float32'"
+        )
     for i in range(len(plan.layers)):
         ArenaLayout.from_plan(plan, i)  # validates each layer's geometry and budget
 

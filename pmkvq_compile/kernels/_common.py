@@ -133,10 +133,62 @@ def ers4(c0, c1, c2, c3, scale, bits, target):
 
 
 @triton.jit
-def region_meta_base(off, cap, kb, vb, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr):
-    """Index (in float32 units) of a region's meta; part ``p`` (k_scale, k_zero, v_scale, v_zero) of row
-    ``h * cap + n`` is at ``base + p * HKV * cap * G + (h * cap + n) * G``."""
-    return (off + HKV * cap * (D * (kb + vb) // 8)) // 4
+def region_meta_byte(off, cap, kb, vb, HKV: tl.constexpr, D: tl.constexpr):
+    """Byte offset of a region's meta; part ``p`` (k_scale, k_zero, v_scale, v_zero) of row ``h * cap + n`` is
+    element ``p * HKV * cap * G + (h * cap + n) * G`` from there (float32, or float16: :func:`meta_half`)."""
+    return off + HKV * cap * (D * (kb + vb) // 8)
+
+
+@triton.jit
+def meta_half(kb, vb, HM: tl.constexpr):
+    """Whether a region at ``(kb, vb)`` bits stores float16 meta (a scalar int1 tensor): ``HM`` (the layout's
+    ``scale_bytes == 2``) and both widths at most 8 (layout.ArenaLayout.meta_bytes)."""
+    z = tl.zeros([], dtype=tl.int32)
+    half = ((kb + z) <= 8) & ((vb + z) <= 8)
+    if not HM:
+        half = z != 0
+    return half
+
+
+@triton.jit
+def token_meta_bytes(kb, vb, HM: tl.constexpr, G: tl.constexpr):
+    """Meta bytes of one token of one head at run-time bits ``(kb, vb)``: 4 values per group, 4 or 2 bytes."""
+    mb = 16 * G + kb * 0
+    if HM:
+        mb = tl.where((kb <= 8) & (vb <= 8), 8 * G, 16 * G)
+    return mb
+
+
+@triton.jit
+def load_meta(af, ah, mbyte, idx, mask, half, HM: tl.constexpr):
+    """Meta elements ``idx`` (any shape) of a region whose meta starts at arena byte ``mbyte``, as float32:
+    read as float16 where ``half`` (only with ``HM``), else as float32. ``af``/``ah``: the arena as float32 /
+    float16."""
+    if HM:
+        hb = (
+            tl.zeros_like(idx) + half.to(tl.int32)
+        ) != 0  # idx's shape (the interpreter cannot and a 0-d mask)
+        x = tl.load(af + mbyte // 4 + idx, mask=mask & (hb == 0), other=0.0)
+        xh = tl.load(ah + mbyte // 2 + idx, mask=mask & hb, other=0.0)
+        x = tl.where(hb, xh.to(tl.float32), x)
+    else:
+        x = tl.load(af + mbyte // 4 + idx, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
+def store_meta(af, ah, mbyte, idx, val, mask, half, HM: tl.constexpr):
+    """Store float32 ``val`` as meta elements ``idx`` (see :func:`load_meta`): float16 where ``half``,
+    clamped to +-65504 and rounded to nearest even (layout.meta_cast)."""
+    if HM:
+        hb = (
+            tl.zeros_like(idx) + half.to(tl.int32)
+        ) != 0  # idx's shape (the interpreter cannot and a 0-d mask)
+        tl.store(af + mbyte // 4 + idx, val, mask=mask & (hb == 0))
+        hv = tl.minimum(tl.maximum(val, -65504.0), 65504.0).to(tl.float16)
+        tl.store(ah + mbyte // 2 + idx, hv, mask=mask & hb)
+    else:
+        tl.store(af + mbyte // 4 + idx, val, mask=mask)
 
 
 @triton.jit
@@ -185,6 +237,7 @@ def attend_segment(
     a16r,
     a32r,
     afr,
+    ahr,
     off,
     cap,
     kb,
@@ -199,13 +252,16 @@ def attend_segment(
     BLOCK_N: tl.constexpr,
     DT: tl.constexpr,
     PREC: tl.constexpr,
+    HM: tl.constexpr,
 ):
     """Online-softmax attention of 4-part queries ``[M, D/4]`` (already scaled by sm_scale * log2 e) over the
     tokens ``n_begin..n_valid`` of one region of KV head ``h``. ``a8r``.. ``afr`` point at the batch row's
-    arena (int32 offsets inside a row keep registers low). Returns the updated ``m, l, acc0..3``."""
+    arena (int32 offsets inside a row keep registers low; ``ahr`` is it as float16, for float16 meta: ``HM``).
+    Returns the updated ``m, l, acc0..3``."""
     i = tl.arange(0, D // 4)
     PART = HKV * cap * G
-    mb = (off + HKV * cap * (D * (kb + vb) // 8)) // 4
+    mb = region_meta_byte(off, cap, kb, vb, HKV, D)
+    half = meta_half(kb, vb, HM)
     vstart = off + HKV * cap * (D * kb // 8)
     for n0 in range(n_begin, n_valid, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
@@ -213,12 +269,12 @@ def attend_segment(
         r = h * cap + n
         c0, c1, c2, c3 = load_codes4(a8r, a16r, a32r, off + r * (D * kb // 8), i, nm, kb)
         if G == 1:
-            ks = tl.load(afr + mb + r, mask=nm, other=0.0)[:, None]
-            kz = tl.load(afr + mb + PART + r, mask=nm, other=0.0)[:, None]
+            ks = load_meta(afr, ahr, mb, r, nm, half, HM)[:, None]
+            kz = load_meta(afr, ahr, mb, PART + r, nm, half, HM)[:, None]
         else:
             gidx = r[:, None] * G + ((4 * i) // GS)[None, :]
-            ks = tl.load(afr + mb + gidx, mask=nm[:, None], other=0.0)
-            kz = tl.load(afr + mb + PART + gidx, mask=nm[:, None], other=0.0)
+            ks = load_meta(afr, ahr, mb, gidx, nm[:, None], half, HM)
+            kz = load_meta(afr, ahr, mb, PART + gidx, nm[:, None], half, HM)
         s = tl.dot(q0, tl.trans(_deq_part(c0, ks, kz, DT)), input_precision=PREC)
         s += tl.dot(q1, tl.trans(_deq_part(c1, ks, kz, DT)), input_precision=PREC)
         s += tl.dot(q2, tl.trans(_deq_part(c2, ks, kz, DT)), input_precision=PREC)
@@ -232,12 +288,12 @@ def attend_segment(
         pd = p.to(DT)
         c0, c1, c2, c3 = load_codes4(a8r, a16r, a32r, vstart + r * (D * vb // 8), i, nm, vb)
         if G == 1:
-            vs = tl.load(afr + mb + 2 * PART + r, mask=nm, other=0.0)[:, None]
-            vz = tl.load(afr + mb + 3 * PART + r, mask=nm, other=0.0)[:, None]
+            vs = load_meta(afr, ahr, mb, 2 * PART + r, nm, half, HM)[:, None]
+            vz = load_meta(afr, ahr, mb, 3 * PART + r, nm, half, HM)[:, None]
         else:
             gidx = r[:, None] * G + ((4 * i) // GS)[None, :]
-            vs = tl.load(afr + mb + 2 * PART + gidx, mask=nm[:, None], other=0.0)
-            vz = tl.load(afr + mb + 3 * PART + gidx, mask=nm[:, None], other=0.0)
+            vs = load_meta(afr, ahr, mb, 2 * PART + gidx, nm[:, None], half, HM)
+            vz = load_meta(afr, ahr, mb, 3 * PART + gidx, nm[:, None], half, HM)
         acc0 = acc0 * alpha[:, None] + tl.dot(pd, _deq_part(c0, vs, vz, DT), input_precision=PREC)
         acc1 = acc1 * alpha[:, None] + tl.dot(pd, _deq_part(c1, vs, vz, DT), input_precision=PREC)
         acc2 = acc2 * alpha[:, None] + tl.dot(pd, _deq_part(c2, vs, vz, DT), input_precision=PREC)

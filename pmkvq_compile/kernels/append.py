@@ -25,10 +25,14 @@ from ._common import (
     ers_codes4,
     ers_scale,
     load_codes4,
+    load_meta,
+    meta_half,
     next_bits,
     quantize4,
-    region_meta_base,
+    region_meta_byte,
     store_codes4,
+    store_meta,
+    token_meta_bytes,
 )
 from .layout import ArenaLayout, check_layout_tensors
 
@@ -40,8 +44,11 @@ _VALID, _TO_SINK, _N_FLUSH, _NT, _WL, _NC, _OKB, _OVB, _NKB, _NVB, _SHRINK = ran
 
 
 @triton.jit
-def _chunk_bytes(kb, vb, NW: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr):
-    return NW * HKV * (D * (kb + vb) // 8 + 16 * G)
+def _chunk_bytes(
+    kb, vb, NW: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, HM: tl.constexpr
+):
+    """Bytes of a body chunk at run-time bits ``(kb, vb)`` (layout.ArenaLayout.chunk_bytes)."""
+    return NW * HKV * (D * (kb + vb) // 8 + token_meta_bytes(kb, vb, HM, G))
 
 
 @triton.jit
@@ -63,6 +70,7 @@ def _plan_kernel(
     BODY_OFF: tl.constexpr,
     BODY_CAP: tl.constexpr,
     C_CAP: tl.constexpr,
+    HM: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     nt = tl.load(state + 0)
@@ -82,11 +90,11 @@ def _plan_kernel(
         overflow = kb < 0
     else:
         for _ in tl.static_range(7):
-            need = nc_new.to(tl.int64) * _chunk_bytes(kb, vb, NW, HKV, D, G) > BODY_CAP
+            need = nc_new.to(tl.int64) * _chunk_bytes(kb, vb, NW, HKV, D, G, HM) > BODY_CAP
             nkb, nvb, can = next_bits(kb, vb, FK, FV)
             kb = tl.where(need & can, nkb, kb)
             vb = tl.where(need & can, nvb, vb)
-        overflow = nc_new.to(tl.int64) * _chunk_bytes(kb, vb, NW, HKV, D, G) > BODY_CAP
+        overflow = nc_new.to(tl.int64) * _chunk_bytes(kb, vb, NW, HKV, D, G, HM) > BODY_CAP
     vi = tl.where(overflow, 0, 1)
     valid = vi != 0
     shrink = tl.where(valid & ((kb != okb) | (vb != ovb)) & (nc > 0), 1, 0)
@@ -107,7 +115,7 @@ def _plan_kernel(
     tl.store(state + 3, kb, mask=valid)
     tl.store(state + 4, vb, mask=valid)
     tl.store(state + 5, 1, mask=vi == 0)
-    cb = _chunk_bytes(kb, vb, NW, HKV, D, G)
+    cb = _chunk_bytes(kb, vb, NW, HKV, D, G, HM)
     for i0 in range(0, C_CAP, BLOCK):
         idx = i0 + tl.arange(0, BLOCK)
         m = (idx < nc_new) & (idx * 0 + vi != 0)
@@ -152,6 +160,7 @@ def _shrink_kernel(
     a16,
     a32,
     af,
+    ah,
     plan,
     ROW_BYTES,
     HKV: tl.constexpr,
@@ -159,6 +168,7 @@ def _shrink_kernel(
     G: tl.constexpr,
     NW: tl.constexpr,
     BODY_OFF: tl.constexpr,
+    HM: tl.constexpr,
     R: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -171,8 +181,10 @@ def _shrink_kernel(
     nkb = tl.load(plan + 8)
     nvb = tl.load(plan + 9)
     if shrink != 0:
-        ocb = NW * HKV * (D * (okb + ovb) // 8 + 16 * G)
-        ncb = NW * HKV * (D * (nkb + nvb) // 8 + 16 * G)
+        ocb = _chunk_bytes(okb, ovb, NW, HKV, D, G, HM)
+        ncb = _chunk_bytes(nkb, nvb, NW, HKV, D, G, HM)
+        ohalf = meta_half(okb, ovb, HM)
+        nhalf = meta_half(nkb, nvb, HM)
         for c in range(0, nc):
             oo = BODY_OFF + c * ocb.to(tl.int64)
             no = BODY_OFF + c * ncb.to(tl.int64)
@@ -190,18 +202,20 @@ def _shrink_kernel(
                 D,
                 R,
             )
-            om = row0 // 4 + region_meta_base(oo, NW, okb, ovb, HKV, D, G)
-            nm = row0 // 4 + region_meta_base(no, NW, nkb, nvb, HKV, D, G)
+            # element e moves from old byte om + e * (4 or 2) to new byte nm + e * (4 or 2) <= that: each
+            # block is read whole before it is written, so the float32 -> float16 narrowing is in place too
+            om = row0 + region_meta_byte(oo, NW, okb, ovb, HKV, D)
+            nm = row0 + region_meta_byte(no, NW, nkb, nvb, HKV, D)
             PART: tl.constexpr = HKV * NW * G
             for e0 in range(0, 4 * PART, BLOCK):
                 e = e0 + tl.arange(0, BLOCK)
                 m = e < 4 * PART
-                x = tl.load(af + om + e, mask=m, other=0.0)
+                x = load_meta(af, ah, om, e, m, ohalf, HM)
                 part = e // PART
                 x = tl.where(part == 0, ers_scale(x, okb, nkb), x)
                 x = tl.where(part == 2, ers_scale(x, ovb, nvb), x)
                 tl.debug_barrier()
-                tl.store(af + nm + e, x, mask=m)
+                store_meta(af, ah, nm, e, x, m, nhalf, HM)
                 tl.debug_barrier()
 
 
@@ -227,17 +241,10 @@ def _load_new4(ptr, ks, b, h, t, mask, T, HKV: tl.constexpr, D: tl.constexpr, HA
 
 
 @triton.jit
-def _store_meta(af, mbase, h, n, cap, mask, part, val, HKV: tl.constexpr, G: tl.constexpr):
+def _meta_idx(h, n, cap, part, HKV: tl.constexpr, G: tl.constexpr):
+    """Elements ``[R, G]`` of meta part ``part`` for rows ``n`` [R] of head ``h`` in a region of ``cap``."""
     g = tl.arange(0, G)
-    idx = mbase + part * HKV * cap * G + (h * cap + n).to(tl.int64)[:, None] * G + g[None, :]
-    tl.store(af + idx, val, mask=mask[:, None])
-
-
-@triton.jit
-def _load_meta(af, mbase, h, n, cap, mask, part, HKV: tl.constexpr, G: tl.constexpr):
-    g = tl.arange(0, G)
-    idx = mbase + part * HKV * cap * G + (h * cap + n).to(tl.int64)[:, None] * G + g[None, :]
-    return tl.load(af + idx, mask=mask[:, None], other=0.0)
+    return part * HKV * cap * G + (h * cap + n).to(tl.int64)[:, None] * G + g[None, :]
 
 
 @triton.jit
@@ -246,6 +253,7 @@ def _put_row_codes(
     a16,
     a32,
     af,
+    ah,
     row0,
     off,
     cap,
@@ -269,6 +277,7 @@ def _put_row_codes(
     HKV: tl.constexpr,
     D: tl.constexpr,
     G: tl.constexpr,
+    HM: tl.constexpr,
 ):
     """Store K/V codes and meta of rows ``n`` [R] of head ``h`` in a region (``off``, ``cap``, ``kb``, ``vb``)."""
     i = tl.arange(0, D // 4)
@@ -277,11 +286,13 @@ def _put_row_codes(
     vbase = row0 + off + HKV * cap * (D * kb // 8) + r * (D * vb // 8)
     store_codes4(a8, a16, a32, kbase, i, mask, kb, k0, k1, k2, k3)
     store_codes4(a8, a16, a32, vbase, i, mask, vb, v0, v1, v2, v3)
-    mb = row0 // 4 + region_meta_base(off, cap, kb, vb, HKV, D, G)
-    _store_meta(af, mb, h, n, cap, mask, 0, ks, HKV, G)
-    _store_meta(af, mb, h, n, cap, mask, 1, kz, HKV, G)
-    _store_meta(af, mb, h, n, cap, mask, 2, vs, HKV, G)
-    _store_meta(af, mb, h, n, cap, mask, 3, vz, HKV, G)
+    mb = row0 + region_meta_byte(off, cap, kb, vb, HKV, D)
+    half = meta_half(kb, vb, HM)
+    m = mask[:, None]
+    store_meta(af, ah, mb, _meta_idx(h, n, cap, 0, HKV, G), ks, m, half, HM)
+    store_meta(af, ah, mb, _meta_idx(h, n, cap, 1, HKV, G), kz, m, half, HM)
+    store_meta(af, ah, mb, _meta_idx(h, n, cap, 2, HKV, G), vs, m, half, HM)
+    store_meta(af, ah, mb, _meta_idx(h, n, cap, 3, HKV, G), vz, m, half, HM)
 
 
 @triton.jit
@@ -290,6 +301,7 @@ def _flush_kernel(
     a16,
     a32,
     af,
+    ah,
     plan,
     key,
     value,
@@ -305,6 +317,7 @@ def _flush_kernel(
     WIN_OFF: tl.constexpr,
     BODY_OFF: tl.constexpr,
     HAS_KS: tl.constexpr,
+    HM: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -330,11 +343,13 @@ def _flush_kernel(
         wv0, wv1, wv2, wv3 = load_codes4(
             a8, a16, a32, row0 + WIN_OFF + HKV * NW * (D * WB // 8) + wr * (D * WB // 8), i, wm, WB
         )
-        wmb = row0 // 4 + region_meta_base(WIN_OFF, NW, WB, WB, HKV, D, G)
-        wks = _load_meta(af, wmb, h, p, NW, wm, 0, HKV, G)
-        wkz = _load_meta(af, wmb, h, p, NW, wm, 1, HKV, G)
-        wvs = _load_meta(af, wmb, h, p, NW, wm, 2, HKV, G)
-        wvz = _load_meta(af, wmb, h, p, NW, wm, 3, HKV, G)
+        wmb = row0 + region_meta_byte(WIN_OFF, NW, WB, WB, HKV, D)
+        whalf = meta_half(WB, WB, HM)
+        wm2 = wm[:, None]
+        wks = load_meta(af, ah, wmb, _meta_idx(h, p, NW, 0, HKV, G), wm2, whalf, HM)
+        wkz = load_meta(af, ah, wmb, _meta_idx(h, p, NW, 1, HKV, G), wm2, whalf, HM)
+        wvs = load_meta(af, ah, wmb, _meta_idx(h, p, NW, 2, HKV, G), wm2, whalf, HM)
+        wvz = load_meta(af, ah, wmb, _meta_idx(h, p, NW, 3, HKV, G), wm2, whalf, HM)
         # new tokens, quantized at window bits
         nm = mask & (from_win == 0)
         t = to_sink + p - wl
@@ -363,7 +378,7 @@ def _flush_kernel(
         )
         kz = tl.where(fw, wkz, nkz)
         vz = tl.where(fw, wvz, nvz)
-        cb = NW * HKV * (D * (nkb + nvb) // 8 + 16 * G)
+        cb = _chunk_bytes(nkb, nvb, NW, HKV, D, G, HM)
         chunk = nc + p // NW
         n = p % NW
         off = BODY_OFF + chunk.to(tl.int64) * cb
@@ -374,14 +389,15 @@ def _flush_kernel(
         store_codes4(a8, a16, a32, kbase, i, mask, nkb, k0, k1, k2, k3)
         store_codes4(a8, a16, a32, vbase, i, mask, nvb, v0, v1, v2, v3)
         g = tl.arange(0, G)
-        mb = row0 // 4 + (off + HKV * NW * (D * (nkb + nvb) // 8)) // 4
+        mb = (row0 + region_meta_byte(off, NW, nkb, nvb, HKV, D))[:, None]
+        nhalf = meta_half(nkb, nvb, HM)
         PART: tl.constexpr = HKV * NW * G
-        idx = mb[:, None] + r[:, None] * G + g[None, :]
+        idx = r[:, None] * G + g[None, :]
         mm = mask[:, None]
-        tl.store(af + idx, ksc, mask=mm)
-        tl.store(af + idx + PART, kz, mask=mm)
-        tl.store(af + idx + 2 * PART, vsc, mask=mm)
-        tl.store(af + idx + 3 * PART, vz, mask=mm)
+        store_meta(af, ah, mb, idx, ksc, mm, nhalf, HM)
+        store_meta(af, ah, mb, idx + PART, kz, mm, nhalf, HM)
+        store_meta(af, ah, mb, idx + 2 * PART, vsc, mm, nhalf, HM)
+        store_meta(af, ah, mb, idx + 3 * PART, vz, mm, nhalf, HM)
 
 
 @triton.jit
@@ -390,6 +406,7 @@ def _tail_kernel(
     a16,
     a32,
     af,
+    ah,
     plan,
     key,
     value,
@@ -406,6 +423,7 @@ def _tail_kernel(
     WB: tl.constexpr,
     WIN_OFF: tl.constexpr,
     HAS_KS: tl.constexpr,
+    HM: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -430,6 +448,7 @@ def _tail_kernel(
             a16,
             a32,
             af,
+            ah,
             row0,
             0,
             N_SINK,
@@ -453,6 +472,7 @@ def _tail_kernel(
             HKV,
             D,
             G,
+            HM,
         )
     p = wl + t - to_sink
     wm = mask & (t >= to_sink) & (p >= n_flush * NW)
@@ -463,6 +483,7 @@ def _tail_kernel(
         a16,
         a32,
         af,
+        ah,
         row0,
         WIN_OFF,
         NW,
@@ -486,11 +507,19 @@ def _tail_kernel(
         HKV,
         D,
         G,
+        HM,
     )
 
 
-def _views(arena: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return arena, arena.view(torch.int16), arena.view(torch.int32), arena.view(torch.float32)
+def _views(arena: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The arena as uint8, int16, int32, float32 and float16 (the kernels' pointers)."""
+    return (
+        arena,
+        arena.view(torch.int16),
+        arena.view(torch.int32),
+        arena.view(torch.float32),
+        arena.view(torch.float16),
+    )
 
 
 def _run_plan(state, table, lay: ArenaLayout, t: int, force: tuple[int, int] | None) -> torch.Tensor:
@@ -500,7 +529,7 @@ def _run_plan(state, table, lay: ArenaLayout, t: int, force: tuple[int, int] | N
         force[0] if force else 0, force[1] if force else 0, FORCE=force is not None,
         HKV=lay.num_kv_heads, D=lay.head_dim, G=lay.groups, N_SINK=lay.n_sink, NW=lay.n_window,
         FK=lay.key_bits, FV=lay.value_bits, BODY_OFF=lay.body_offset, BODY_CAP=lay.body_capacity,
-        C_CAP=lay.max_chunks, BLOCK=min(triton.next_power_of_2(lay.max_chunks), 1024),
+        C_CAP=lay.max_chunks, HM=lay.scale_bytes == 2, BLOCK=min(triton.next_power_of_2(lay.max_chunks), 1024),
     )  # fmt: skip
     return plan
 
@@ -525,12 +554,12 @@ def _shrink_cfg() -> tuple[int, int]:
 
 
 def _run_shrink(arena, plan, lay: ArenaLayout, cfg: tuple[int, int]) -> None:
-    a8, a16, a32, af = _views(arena)
+    a8, a16, a32, af, ah = _views(arena)
     r, warps = cfg
     _shrink_kernel[(arena.shape[0],)](
-        a8, a16, a32, af, plan, arena.shape[1],
+        a8, a16, a32, af, ah, plan, arena.shape[1],
         HKV=lay.num_kv_heads, D=lay.head_dim, G=lay.groups, NW=lay.n_window, BODY_OFF=lay.body_offset,
-        R=r, BLOCK=1024, num_warps=warps,
+        HM=lay.scale_bytes == 2, R=r, BLOCK=1024, num_warps=warps,
     )  # fmt: skip
 
 
@@ -562,14 +591,14 @@ def append(
     cfg = _shrink_cfg()
     plan = _run_plan(state, table, lay, t, None)
     _run_shrink(arena, plan, lay, cfg)
-    a8, a16, a32, af = _views(arena)
+    a8, a16, a32, af, ah = _views(arena)
     block_t = 16
     nblk = triton.cdiv(lay.n_window - 1 + t, block_t)
     common = dict(HKV=h, D=d, GS=lay.group_size, G=lay.groups, NW=lay.n_window, WB=lay.window_bits,
-                  WIN_OFF=lay.window_offset, HAS_KS=has_ks, BLOCK_T=block_t)  # fmt: skip
-    _flush_kernel[(b, h, nblk)](a8, a16, a32, af, plan, key, value, ks, arena.shape[1], t,
+                  WIN_OFF=lay.window_offset, HAS_KS=has_ks, HM=lay.scale_bytes == 2, BLOCK_T=block_t)  # fmt: skip
+    _flush_kernel[(b, h, nblk)](a8, a16, a32, af, ah, plan, key, value, ks, arena.shape[1], t,
                                 BODY_OFF=lay.body_offset, **common)  # fmt: skip
-    _tail_kernel[(b, h, triton.cdiv(t, block_t))](a8, a16, a32, af, plan, key, value, ks, arena.shape[1], t,
+    _tail_kernel[(b, h, triton.cdiv(t, block_t))](a8, a16, a32, af, ah, plan, key, value, ks, arena.shape[1], t,
                                                   N_SINK=lay.n_sink, SB=lay.sink_bits, **common)  # fmt: skip
 
 

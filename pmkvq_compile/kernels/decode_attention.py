@@ -215,6 +215,7 @@ def _tile_loop(
     a16r,
     a32r,
     afr,
+    ahr,
     off0,
     c_begin,
     c_end,
@@ -232,6 +233,7 @@ def _tile_loop(
     PREC: tl.constexpr,
     ASM: tl.constexpr,
     STAGES: tl.constexpr,
+    HM: tl.constexpr,
 ):
     """Regions ``c_begin..c_end`` of capacity ``CAP``, all at ``KB``/``VB`` <= 8 bits with one group per head,
     stored back to back from byte ``off0`` (region ``c`` holds tokens from ``tok0 + c * CAP``). Tile by
@@ -256,7 +258,8 @@ def _tile_loop(
     PART: tl.constexpr = HKV * CAP
     VOFF: tl.constexpr = HKV * CAP * KBY
     MOFF: tl.constexpr = HKV * CAP * (KBY + VBY)
-    RB: tl.constexpr = MOFF + 16 * HKV * CAP  # bytes of one region (one group per head)
+    MB: tl.constexpr = 16 - 8 * HM  # meta bytes per token and head: float32 or (HM) float16, one group
+    RB: tl.constexpr = MOFF + MB * HKV * CAP  # bytes of one region
     # region offsets are multiples of 16 (token bytes are, for the head dims the kernels take); written as
     # a product so that the loads' alignment is known (16-byte vectors)
     off0 = (off0 >> 4) * 16
@@ -299,14 +302,20 @@ def _tile_loop(
         nm = (n < CAP) & (tok0 + ci * CAP + n < length)
         off = off0 + (ci - c_begin) * RB
         r = h * CAP + n
-        mb = tl.multiple_of((off + MOFF) // 4, 4) + r
+        if HM:
+            mb = tl.multiple_of((off + MOFF) // 2, 8) + r
+        else:
+            mb = tl.multiple_of((off + MOFF) // 4, 4) + r
         # the four per-token scales in one load: the pipeliner streams only loads that reach a dot, and the
         # value zero points alone do not (a load of their own was a plain global load waited on per tile).
         # With whole tiles per region every address is inside a written region (tokens past the row's
         # length included), so only the math is masked; the value scales of such tokens are zeroed (they may
         # be any bits, and 0 * NaN is NaN)
         lm = (n < CAP)[:, None] if CAP % BLOCK_N else None
-        sc = tl.load(afr + mb[:, None] + PART * i4[None, :], mask=lm)
+        if HM:
+            sc = tl.load(ahr + mb[:, None] + PART * i4[None, :], mask=lm).to(tl.float32)
+        else:
+            sc = tl.load(afr + mb[:, None] + PART * i4[None, :], mask=lm)
         kvs, kvz = tl.split(tl.reshape(sc, [BLOCK_N, 2, 2]))  # columns (ks, vs) and (kz, vz)
         ks, vs = tl.split(kvs)
         kz, vz = tl.split(kvz)
@@ -376,6 +385,7 @@ def _body_part(
     a16,
     a32,
     af,
+    ah,
     table,
     ks_ptr,
     part_acc,
@@ -404,6 +414,7 @@ def _body_part(
     PREC: tl.constexpr,
     ASM: tl.constexpr,
     STAGES: tl.constexpr,
+    HM: tl.constexpr,
 ):
     """The body chunks at (KB, VB) bits of one (row, KV head), divided evenly over ``NUM_SPLITS`` programs.
 
@@ -422,7 +433,7 @@ def _body_part(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     # the cache writes chunks back to back, so a span of one pair is one region array: one pipelined loop
     # over all its tiles; otherwise (a hand-made table) chunk by chunk, skipping other pairs
-    RB: tl.constexpr = NW * HKV * (D * (KB + VB) // 8 + 16)
+    RB: tl.constexpr = NW * HKV * (D * (KB + VB) // 8 + 16 - 8 * HM)
     c0 = 0
     c1 = 0
     lo = 0
@@ -464,9 +475,9 @@ def _body_part(
             if mine:
                 m_i, l_i, acc = _tile_loop(
                     q_ptr, b * HQ + heads, rmask, ks_ptr, qk_scale, m_i, l_i, acc,
-                    a16 + row0 // 2, a32 + row0 // 4, af + row0 // 4, off, c, c_next, N_SINK,
+                    a16 + row0 // 2, a32 + row0 // 4, af + row0 // 4, ah + row0 // 2, off, c, c_next, N_SINK,
                     length, h, KB, VB, NW, HKV, D, HAS_KS, BLOCK_N, CT, PREC, ASM,
-                    STAGES if STAGES > 0 else (3 if KB + VB <= 4 else 2),
+                    STAGES if STAGES > 0 else (3 if KB + VB <= 4 else 2), HM,
                 )  # fmt: skip
             c = c_next
         # the (transposed) accumulator's rows are in _vperm_dims order of the value bits
@@ -499,6 +510,7 @@ def _edge_part(
     a16,
     a32,
     af,
+    ah,
     table,
     state,
     lengths,
@@ -528,6 +540,7 @@ def _edge_part(
     BLOCK_N: tl.constexpr,
     DT: tl.constexpr,
     PREC: tl.constexpr,
+    HM: tl.constexpr,
 ):
     """Everything :func:`_body_part` leaves: the sink, the window and body chunks whose bit pair is
     not in ``FAST_MASK`` (16-bit chunks, pairs outside the layout's schedule, several groups per head), with
@@ -562,6 +575,7 @@ def _edge_part(
     a16r = a16 + row0 // 2
     a32r = a32 + row0 // 4
     afr = af + row0 // 4
+    ahr = ah + row0 // 2
     BIG: tl.constexpr = 1 << 30
     s = tl.min(tl.where(todo, seg, BIG), axis=0)
     # the window, in slices of WPER tokens over the programs (one program would take its tiles in turn)
@@ -579,15 +593,15 @@ def _edge_part(
         off, cap, skb, svb, n_valid = segment_of(s, n_chunks, length, table, N_SINK, NW, SB, WB, WIN_OFF)
         m_i, l_i, acc0, acc1, acc2, acc3 = attend_segment(
             q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
-            a8r, a16r, a32r, afr, off, cap, skb, svb, 0, n_valid, h,
-            HKV, D, GS, G, BLOCK_N, DT, PREC,
+            a8r, a16r, a32r, afr, ahr, off, cap, skb, svb, 0, n_valid, h,
+            HKV, D, GS, G, BLOCK_N, DT, PREC, HM,
         )  # fmt: skip
         s = tl.min(tl.where(todo & (seg > s), seg, BIG), axis=0)
     if w_begin < w_end:
         m_i, l_i, acc0, acc1, acc2, acc3 = attend_segment(
             q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
-            a8r, a16r, a32r, afr, WIN_OFF, NW, WB, WB, w_begin, w_end, h,
-            HKV, D, GS, G, BLOCK_N, DT, PREC,
+            a8r, a16r, a32r, afr, ahr, WIN_OFF, NW, WB, WB, w_begin, w_end, h,
+            HKV, D, GS, G, BLOCK_N, DT, PREC, HM,
         )  # fmt: skip
     prow = ((b * HQ + heads) * SLOTS + SLOT0 + split).to(tl.int64)
     _store_partial(part_acc, part_ml, prow, rmask, m_i, l_i, acc0, acc1, acc2, acc3, D)
@@ -600,6 +614,7 @@ def _attn_kernel(
     a16,
     a32,
     af,
+    ah,
     table,
     state,
     lengths,
@@ -638,6 +653,7 @@ def _attn_kernel(
     ASM: tl.constexpr,
     EDGE_FIRST: tl.constexpr,
     BODY_STAGES: tl.constexpr,
+    HM: tl.constexpr,
 ):
     """Every partial of a step in one launch (grid ``(B, Hkv, NUM_SPLITS + EDGE_SPLITS)``): ``NUM_SPLITS``
     programs of a (row, KV head) share the body chunks evenly and take each pair of ``PAIRS`` (4 bits per
@@ -658,10 +674,10 @@ def _attn_kernel(
         ez = z - NUM_SPLITS
     if is_edge:
         _edge_part(
-            b, h, ez, q_ptr, a8, a16, a32, af, table, state, lengths, ks_ptr, part_acc, part_ml,
+            b, h, ez, q_ptr, a8, a16, a32, af, ah, table, state, lengths, ks_ptr, part_acc, part_ml,
             ROW_BYTES, qk_scale, HQ, HKV, D, GS, G, N_SINK, NW, SB, WB, WIN_OFF, EDGE_SPLITS,
             NUM_SPLITS if NP > 0 else 0,
-            SLOTS, RUNB, WPER, FAST_MASK, HAS_KS, BLOCK_M, EBLOCK_N, DT, PREC,
+            SLOTS, RUNB, WPER, FAST_MASK, HAS_KS, BLOCK_M, EBLOCK_N, DT, PREC, HM,
         )  # fmt: skip
     else:
         # one look at the row before any pair: its length, its chunks and the set of their bit pairs, all
@@ -675,10 +691,10 @@ def _attn_kernel(
         written = 0
         for k in tl.static_range(NP):
             written = _body_part(
-                b, h, z, q_ptr, a16, a32, af, table, ks_ptr, part_acc, part_ml, ROW_BYTES, qk_scale,
+                b, h, z, q_ptr, a16, a32, af, ah, table, ks_ptr, part_acc, part_ml, ROW_BYTES, qk_scale,
                 length, last_chunk, present, written, HQ, HKV, D, N_SINK, NW,
                 2 << ((PAIRS >> (4 * k + 2)) & 3), 2 << ((PAIRS >> (4 * k)) & 3), NUM_SPLITS, SLOTS, TB, MAXC,
-                HAS_KS, BLOCK_M, BLOCK_N, CT, PREC, ASM, BODY_STAGES,
+                HAS_KS, BLOCK_M, BLOCK_N, CT, PREC, ASM, BODY_STAGES, HM,
             )  # fmt: skip
             # the next pair's pipeline reuses this one's shared memory (and reads the slot this one wrote)
             tl.debug_barrier()
@@ -924,8 +940,9 @@ def decode_attention(
     part_acc = torch.empty(b, hq, slots, d, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(b, hq, slots, 2, dtype=torch.float32, device=q.device)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-    views = (q, arena, arena.view(torch.int16), arena.view(torch.int32), arena.view(torch.float32), table,
-             state, lengths, ks, part_acc, part_ml, arena.shape[1], qk_scale)  # fmt: skip
+    views = (q, arena, arena.view(torch.int16), arena.view(torch.int32), arena.view(torch.float32),
+             arena.view(torch.float16), table, state, lengths, ks, part_acc, part_ml,
+             arena.shape[1], qk_scale)  # fmt: skip
     block_m = max(8, triton.next_power_of_2(gq))
     code = sum(
         ((kb.bit_length() - 2) * 4 + vb.bit_length() - 2) << (4 * k) for k, (kb, vb) in enumerate(pairs)
@@ -938,7 +955,7 @@ def decode_attention(
         WPER=16 * -(-lay.n_window // (16 * edge_splits)), PAIRS=code, NP=len(pairs),
         FAST_MASK=sum(_pair_bit(*p) for p in pairs), HAS_KS=has_ks, BLOCK_M=block_m, BLOCK_N=block_n,
         EBLOCK_N=16, CT=tl.float32 if dt == tl.float32 else tl.float16, DT=dt, PREC=prec, ASM=not interp, EDGE_FIRST=edge_first,
-        BODY_STAGES=body_stages, num_warps=warps,
+        BODY_STAGES=body_stages, HM=lay.scale_bytes == 2, num_warps=warps,
         num_stages=stages, **extra,
     )  # fmt: skip
     block_d, merge_warps = _merge_cfg(d)

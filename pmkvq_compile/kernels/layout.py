@@ -5,7 +5,9 @@ Nothing here imports Triton. A layer's arena is uint8 ``[B, budget_bytes]`` (see
     | sink: n_sink @ sink_bits | window: n_window @ window_bits | body chunk 0 | chunk 1 | ... | free |
 
 A region of capacity ``C`` at byte ``o`` holds K codes ``u8 [Hkv, C, D*kb/8]``, then V codes
-``u8 [Hkv, C, D*vb/8]``, then float32 meta ``[4, Hkv, C, G]`` = (k_scale, k_zero, v_scale, v_zero).
+``u8 [Hkv, C, D*vb/8]``, then meta ``[4, Hkv, C, G]`` = (k_scale, k_zero, v_scale, v_zero): float32, or float16
+where ``scale_bytes == 2`` and both ``kb`` and ``vb`` are at most 8 (:meth:`ArenaLayout.meta_bytes`; a plan's
+``scale_dtype="float16"``). A float16 value is the float32 one clamped to +-65504 and rounded to nearest even.
 
 Device state of one layer (so that a compiled step or a CUDA graph needs no Python ints):
 
@@ -24,7 +26,7 @@ from dataclasses import astuple, dataclass, fields
 
 import torch
 
-from ..plan import Plan, next_body_bits
+from ..plan import Plan, check_half_meta_alignment, meta_bytes, next_body_bits
 from ..quant import check_bits
 
 __all__ = [
@@ -36,11 +38,19 @@ __all__ = [
     "STATE_SIZE",
     "WINDOW_LEN",
     "ArenaLayout",
+    "meta_cast",
     "next_body_bits",
 ]
 
 N_TOKENS, WINDOW_LEN, N_CHUNKS, BODY_KB, BODY_VB, OVERFLOW = range(6)
 STATE_SIZE = 8
+
+
+def meta_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Scales/zeros as stored: float32 as they are; float16 clamped to +-65504 and rounded to nearest even."""
+    if dtype == torch.float16:
+        return x.float().clamp(-65504.0, 65504.0).to(torch.float16)
+    return x.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,7 @@ class ArenaLayout:
     key_bits: int
     value_bits: int
     budget_bytes: int
+    scale_bytes: int = 4
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -72,6 +83,12 @@ class ArenaLayout:
             raise ValueError(
                 f"head_dim={self.head_dim} must be a multiple of 16 and of group_size={self.group_size}, "
                 "itself a multiple of 8"
+            )
+        if self.scale_bytes not in (4, 2):
+            raise ValueError(f"ArenaLayout.scale_bytes={self.scale_bytes} must be 4 (float32) or 2 (float16)")
+        if self.scale_bytes == 2:
+            check_half_meta_alignment(
+                self.num_kv_heads, self.groups, self.n_window, self.n_sink, self.sink_bits
             )
         if self.budget_bytes % 4:
             raise ValueError(f"budget_bytes={self.budget_bytes} must be divisible by 4")
@@ -95,6 +112,7 @@ class ArenaLayout:
             key_bits=lp.key_bits,
             value_bits=lp.value_bits,
             budget_bytes=lp.budget_bytes,
+            scale_bytes=2 if plan.scale_dtype == "float16" else 4,
         )
 
     def to_list(self) -> list[int]:
@@ -104,7 +122,7 @@ class ArenaLayout:
     @classmethod
     def from_list(cls, values: list[int] | tuple[int, ...]) -> ArenaLayout:
         n = len(fields(cls))
-        if len(values) != n:
+        if len(values) not in (n - 1, n):  # without the last field: a layout from before scale_bytes
             raise ValueError(f"layout must hold {n} ints (ArenaLayout.to_list()), got {len(values)}")
         return cls(*(int(v) for v in values))
 
@@ -113,8 +131,18 @@ class ArenaLayout:
     def groups(self) -> int:
         return self.head_dim // self.group_size
 
+    def meta_bytes(self, kb: int, vb: int) -> int:
+        """Bytes of one stored scale or zero of a region at ``(kb, vb)``: 2 (float16) when ``scale_bytes`` is
+        2 and both are at most 8 bits, else 4 (float32)."""
+        return meta_bytes(kb, vb, "float16" if self.scale_bytes == 2 else "float32")
+
+    def meta_dtype(self, kb: int, vb: int) -> torch.dtype:
+        return torch.float16 if self.meta_bytes(kb, vb) == 2 else torch.float32
+
     def token_bytes(self, kb: int, vb: int) -> int:
-        return self.num_kv_heads * (self.head_dim * (kb + vb) // 8 + 16 * self.groups)
+        return self.num_kv_heads * (
+            self.head_dim * (kb + vb) // 8 + 4 * self.meta_bytes(kb, vb) * self.groups
+        )
 
     @property
     def sink_bytes(self) -> int:
@@ -145,7 +173,8 @@ class ArenaLayout:
         h, d = self.num_kv_heads, self.head_dim
         kc = h * capacity * d * kb // 8
         vc = h * capacity * d * vb // 8
-        return offset, offset + kc, offset + kc + vc, offset + kc + vc + 16 * h * capacity * self.groups
+        meta = 4 * self.meta_bytes(kb, vb) * h * capacity * self.groups
+        return offset, offset + kc, offset + kc + vc, offset + kc + vc + meta
 
     # ---- state ---------------------------------------------------------------------------------------
     def initial_state(self, device: torch.device | str | None = None) -> torch.Tensor:

@@ -29,6 +29,7 @@ def _prefill_kernel(
     a16,
     a32,
     af,
+    ah,
     table,
     state,
     lengths,
@@ -52,6 +53,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     DT: tl.constexpr,
     PREC: tl.constexpr,
+    HM: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HQ
@@ -74,8 +76,8 @@ def _prefill_kernel(
         off, cap, kb, vb, n_valid = segment_of(s, n_chunks, length, table, N_SINK, NW, SB, WB, WIN_OFF)
         m_i, l_i, acc0, acc1, acc2, acc3 = attend_segment(
             q0.to(DT), q1.to(DT), q2.to(DT), q3.to(DT), m_i, l_i, acc0, acc1, acc2, acc3,
-            a8 + row0, a16 + row0 // 2, a32 + row0 // 4, af + row0 // 4, off, cap, kb, vb, 0, n_valid, h,
-            HKV, D, GS, G, BLOCK_N, DT, PREC,
+            a8 + row0, a16 + row0 // 2, a32 + row0 // 4, af + row0 // 4, ah + row0 // 2, off, cap, kb, vb, 0,
+            n_valid, h, HKV, D, GS, G, BLOCK_N, DT, PREC, HM,
         )  # fmt: skip
     # the new tokens, causal, full precision (no key scale on either side)
     p0, p1, p2, p3 = _load_q4(q_ptr, rows, qm, ks_ptr, h, qk_scale, D, False)
@@ -161,9 +163,9 @@ def prefill_attention(
     block_m = 16 if interp else 64
     _prefill_kernel[(b * hq, triton.cdiv(t, block_m))](
         q, k_new, v_new, arena, arena.view(torch.int16), arena.view(torch.int32), arena.view(torch.float32),
-        table, state, lengths, ks, out, arena.shape[1], t, float(sm_scale) * LOG2E,
+        arena.view(torch.float16), table, state, lengths, ks, out, arena.shape[1], t, float(sm_scale) * LOG2E,
         HQ=hq, HKV=lay.num_kv_heads, D=d, GS=lay.group_size, G=lay.groups, N_SINK=lay.n_sink, NW=lay.n_window,
         SB=lay.sink_bits, WB=lay.window_bits, WIN_OFF=lay.window_offset, HAS_KS=has_ks, BLOCK_M=block_m,
-        BLOCK_N=32 if interp else 64, DT=dt, PREC=prec, num_warps=4,
+        BLOCK_N=32 if interp else 64, DT=dt, PREC=prec, HM=lay.scale_bytes == 2, num_warps=4,
     )  # fmt: skip
     return out

@@ -20,6 +20,7 @@ from .layout import (
     OVERFLOW,
     WINDOW_LEN,
     ArenaLayout,
+    meta_cast,
     next_body_bits,
 )
 
@@ -37,12 +38,13 @@ Codes = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
 
 
 def _views(arena: torch.Tensor, lay: ArenaLayout, offset: int, cap: int, kb: int, vb: int):
-    """``k_codes u8 [B,Hkv,cap,D*kb/8]``, ``v_codes u8 [B,Hkv,cap,D*vb/8]``, ``meta f32 [B,4,Hkv,cap,G]``."""
+    """``k_codes u8 [B,Hkv,cap,D*kb/8]``, ``v_codes u8 [B,Hkv,cap,D*vb/8]``, ``meta [B,4,Hkv,cap,G]`` (float32,
+    or float16 where the layout stores it so: :meth:`ArenaLayout.meta_dtype`)."""
     b, h, d = arena.shape[0], lay.num_kv_heads, lay.head_dim
     k0, v0, m0, end = lay.region_parts(offset, cap, kb, vb)
     kc = arena[:, k0:v0].view(b, h, cap, d * kb // 8)
     vc = arena[:, v0:m0].view(b, h, cap, d * vb // 8)
-    meta = arena[:, m0:end].view(torch.float32).view(b, 4, h, cap, lay.groups)
+    meta = arena[:, m0:end].view(lay.meta_dtype(kb, vb)).view(b, 4, h, cap, lay.groups)
     return kc, vc, meta
 
 
@@ -55,11 +57,11 @@ def read_region(
     m = meta[:, :, :, :n]
     return (
         quant.unpack(kc[:, :, :n], kb),
-        m[:, 0].clone(),
-        m[:, 1].clone(),
+        m[:, 0].to(torch.float32, copy=True),
+        m[:, 1].to(torch.float32, copy=True),
         quant.unpack(vc[:, :, :n], vb),
-        m[:, 2].clone(),
-        m[:, 3].clone(),
+        m[:, 2].to(torch.float32, copy=True),
+        m[:, 3].to(torch.float32, copy=True),
     )
 
 
@@ -72,7 +74,7 @@ def write_region(
     t = kq.shape[2]
     kc[:, :, start : start + t] = quant.pack(kq, kb)
     vc[:, :, start : start + t] = quant.pack(vq, vb)
-    meta[:, :, :, start : start + t] = torch.stack([ks, kz, vs, vz], dim=1)
+    meta[:, :, :, start : start + t] = meta_cast(torch.stack([ks, kz, vs, vz], dim=1), meta.dtype)
 
 
 def _ers_to(

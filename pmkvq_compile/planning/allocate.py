@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .. import quant
-from ..plan import LayerPlan, Plan
+from ..plan import LayerPlan, Plan, meta_bytes
 from .sensitivity import Sensitivity
 
 __all__ = [
@@ -72,14 +72,16 @@ def bits_budget(proto: Plan, bits: float) -> int:
 
     The memory model is linear in the body bits, so this interpolates :meth:`Plan.budget_for` linearly:
     sink + full window (at their bits) + ``max_chunks`` body chunks whose codes take ``bits`` per element and
-    whose float32 scales and zeros are counted in full. For a supported width ``b`` it equals the budget of
+    whose scales and zeros are counted in full (float32, or float16 at <= 8 bits with ``scale_dtype="float16"``). For a supported width ``b`` it equals the budget of
     ``Plan.uniform(..., b)``; rounded down to whole bytes.
     """
     if not 2 <= bits <= 16:
         raise ValueError(f"a budget of {bits} bits is outside the supported range [2, 16]")
     g = proto.geometry
     groups = g.head_dim // proto.group_size
-    token = g.num_kv_heads * (2 * g.head_dim * bits / 8 + 16 * groups)
+    token = g.num_kv_heads * (
+        2 * g.head_dim * bits / 8 + 4 * meta_bytes(bits, bits, proto.scale_dtype) * groups
+    )
     layer = proto.sink_bytes + proto.window_bytes + proto.max_chunks * proto.n_window * token
     return math.floor(layer * g.num_layers + 1e-9)
 

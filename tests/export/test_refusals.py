@@ -37,6 +37,12 @@ def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:
         ),
         (lambda m: Plan.uniform(m.config, 4, 64, n_sink=0, n_window=8), "standard", ValueError, "n_sink=0"),
         (
+            lambda m: Plan.uniform(m.config, 4, 64, n_window=8, scale_dtype="float16"),
+            "standard",
+            ValueError,
+            r"scale_dtype='float16' is not supported by flavor 'standard'.*custom",
+        ),
+        (
             lambda m: Plan.uniform(m.config, 4, 64, n_window=8),
             "tensorrt",
             ValueError,

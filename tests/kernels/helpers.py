@@ -21,10 +21,18 @@ def small_layout(
     value_bits: int = 2,
     max_len: int = 40,
     n_sink: int = 1,
+    scale_dtype: str = "float32",
 ) -> ArenaLayout:
     geo = ModelGeometry("llama", 1, 3 * hkv, hkv, d, 3 * hkv * d)
     plan = Plan.uniform(
-        geo, bits, max_len, value_bits=value_bits, n_window=n_window, group_size=group, n_sink=n_sink
+        geo,
+        bits,
+        max_len,
+        value_bits=value_bits,
+        n_window=n_window,
+        group_size=group,
+        n_sink=n_sink,
+        scale_dtype=scale_dtype,
     )
     return ArenaLayout.from_plan(plan, 0)
 

@@ -26,6 +26,14 @@ CASES = [
         False,
     ),
     (dict(n_sink=0, group=64, bits=2, value_bits=2, max_len=26), [6, 1, 11], torch.float32, False),
+    # float16 scales and zeros at <= 8 bits: the body's 16 -> 8 step narrows them in place
+    (dict(scale_dtype="float16"), [3, 9, 1, 13, 1], torch.float16, True),
+    (
+        dict(d=128, group=64, hkv=1, n_window=6, bits=8, value_bits=4, max_len=50, scale_dtype="float16"),
+        [1, 17, 2],
+        torch.bfloat16,
+        False,
+    ),
 ]
 
 
@@ -66,9 +74,10 @@ def test_append_overflow_flag() -> None:
     assert torch.equal(arena, before[0]) and torch.equal(state, before[1]) and torch.equal(table, before[2])
 
 
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("target", [(8, 8), (4, 2), (2, 2)])
-def test_requantize_body_bit_exact(target) -> None:
-    lay = small_layout(bits=4, value_bits=4, max_len=150)
+def test_requantize_body_bit_exact(target, scale_dtype) -> None:
+    lay = small_layout(bits=4, value_bits=4, max_len=150, scale_dtype=scale_dtype)
     arena, state, table = filled_cache(lay, 2, [22])
     assert state[3:5].tolist() == [16, 16]
     a2, s2, t2 = arena.clone(), state.clone(), table.clone()
@@ -85,7 +94,10 @@ def test_requantize_body_bit_exact(target) -> None:
         bits //= 2
     o2, kb2, vb2 = t2[0].tolist()
     got = ref.read_region(a2, lay, o2, lay.n_window, kb2, vb2, lay.n_window)
-    assert torch.equal(got[0], kq) and torch.equal(got[1], kscale)
+    # stored as float16 in a float16-scale layout (every target here is <= 8 bits): rounded to nearest even
+    want = kscale.half().float() if scale_dtype == "float16" else kscale
+    assert lay.meta_bytes(kb2, vb2) == (2 if scale_dtype == "float16" else 4)
+    assert torch.equal(got[0], kq) and torch.equal(got[1], want)
 
 
 @pytest.mark.parametrize("cfg", ["16,1", "64,8"])

@@ -254,3 +254,37 @@ def test_decode_merge_cfg(cfg, monkeypatch) -> None:
     monkeypatch.setenv("PMKVQ_MERGE_CFG", "48,4")
     with pytest.raises(ValueError, match=r"PMKVQ_MERGE_CFG must be .* got '48,4'"):
         kernel.decode_attention(*args)
+
+
+@pytest.mark.parametrize("native", [False, True] if DEVICE == "cpu" else [False])
+@pytest.mark.parametrize(
+    "kw,mixed",
+    [
+        (dict(group=32, bits=4, value_bits=4), True),  # two groups per head: every chunk in the edge part
+        (dict(group=64, bits=4, value_bits=2), False),  # body pairs (the tile loop), 16-bit sink and window
+        (dict(hkv=1, d=128, group=128, n_window=6, bits=2, value_bits=2, max_len=50), True),
+    ],
+)
+def test_decode_float16_scales(kw, mixed, native, monkeypatch) -> None:
+    """A plan with ``scale_dtype="float16"``: body chunks at <= 8 bits keep float16 scales and zeros (the
+    16-bit sink and window float32); both read paths against the reference, whose dequantization reads the
+    same stored values, and the stored bytes are fewer than with float32 scales."""
+    if native:
+        monkeypatch.setenv("PMKVQ_INTERPRET_NATIVE_DT", "1")
+    kw = dict(kw)
+    kw.setdefault("max_len", 60)
+    lay = small_layout(scale_dtype="float16", **kw)
+    assert lay.chunk_bytes(4, 4) < small_layout(**kw).chunk_bytes(4, 4)
+    arena, state, table = filled_cache(lay, 2, [17, 12, 12, 6], seed=19)
+    if mixed:
+        make_mixed(lay, arena, state, table, first_low=int(state[2]) // 2)
+    rows = table[: int(state[2])].tolist()
+    assert rows and all(lay.meta_bytes(kb, vb) == 2 for _, kb, vb in rows)
+    n = int(state[0])
+    lengths = torch.tensor([n, n - 9], dtype=torch.int32, device=DEVICE)
+    g = torch.Generator().manual_seed(23)
+    q, kn, vn = _step_inputs(lay, 2, torch.float16, g)
+    args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), lay.head_dim**-0.5)
+    want = ref.decode_attention(*args, 2)
+    got = kernel.decode_attention(*args, 2)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)

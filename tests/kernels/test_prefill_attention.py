@@ -14,10 +14,16 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 @pytest.mark.parametrize(
-    "dtype,t,past", [(torch.float32, 17, [9, 12]), (torch.bfloat16, 5, []), (torch.float16, 19, [21])]
+    "dtype,t,past,scale_dtype",
+    [
+        (torch.float32, 17, [9, 12], "float32"),
+        (torch.bfloat16, 5, [], "float32"),
+        (torch.float16, 19, [21], "float32"),
+        (torch.float16, 7, [9, 12, 14], "float16"),  # float16 scales and zeros in the <= 8-bit chunks
+    ],
 )
-def test_prefill_matches_reference(dtype, t, past) -> None:
-    lay = small_layout(bits=4, value_bits=4, max_len=60)
+def test_prefill_matches_reference(dtype, t, past, scale_dtype) -> None:
+    lay = small_layout(bits=4, value_bits=4, max_len=60, scale_dtype=scale_dtype)
     g = torch.Generator().manual_seed(7)
     ks = (torch.rand(lay.num_kv_heads, lay.head_dim // 2, generator=g) + 0.5).to(DEVICE)
     arena, state, table = filled_cache(lay, 2, past, key_scale=ks)
