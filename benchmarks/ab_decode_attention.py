@@ -7,7 +7,9 @@ one again. A configuration is ``"PMKVQ_DECODE_CFG@programs per SM[@edge programs
 cfg]]]"`` (``@0``: the defaults; ``@s11``: 11 splits in every case; the last three set
 ``PMKVQ_DECODE_EDGE``, ``PMKVQ_DECODE_DYN`` (branch ``wip-chunk-pool``) and ``PMKVQ_MERGE_CFG``; e.g.
 ``"@0;128,4,2,168@3;@s11@1;@0@@@64,4"``). Each tree
-output is checked against the old one's (max |diff| < 2e-2). Prints CUDA-graph medians in us and the fp16
+output is checked against the old one's (max |diff| < 2e-2). ``--f16-scales`` adds the cases with float16
+scales and zeros (``scale_bytes=2``), which an old revision cannot read: those check every configuration
+against the tree's defaults and time the old kernel on the float32-scale cache of the same draw. Prints CUDA-graph medians in us and the fp16
 SDPA time of the same shapes. GPU only::
 
     git show <rev>:pmkvq_compile/kernels/decode_attention.py > /tmp/old_decode_attention.py
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--cfgs", default="@0")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--length", type=int, default=32768)
+    ap.add_argument("--f16-scales", action="store_true", help="also the float16-scale cases")
     a = ap.parse_args()
     old = load_kernel_copy(a.old, "_ab_old")
     n = a.length
@@ -50,12 +53,21 @@ def main() -> None:
         ("B8 mixed", 8, [(4, 4)] * (nc // 2) + [(2, 2)] * (nc - nc // 2)),
         ("B1 4-bit", 1, [(4, 4)] * nc),
     ]
+    cases = [(*c, 4) for c in cases] + (
+        [(f"{c[0]} f16s", c[1], c[2], 2) for c in cases] if a.f16_scales else []
+    )
     cfgs = a.cfgs.split(";")
-    for name, b, chunks in cases:
-        lay, args = step_args(b, n, chunks)
-        os.environ["PMKVQ_DECODE_CFG"] = ""
-        ref = old.decode_attention(*args).float()
-        t_old = graph_ms(lambda args=args: old.decode_attention(*args)) * 1e3
+    for name, b, chunks, scale_bytes in cases:
+        lay, args = step_args(b, n, chunks, scale_bytes)
+        for knob in ("PMKVQ_DECODE_CFG", "PMKVQ_DECODE_EDGE", "PMKVQ_DECODE_DYN", "PMKVQ_MERGE_CFG"):
+            os.environ[knob] = ""
+        if scale_bytes == 4:
+            ref = old.decode_attention(*args).float()
+            old_args = args
+        else:
+            ref = new.decode_attention(*args).float()
+            _, old_args = step_args(b, n, chunks)
+        t_old = graph_ms(lambda args=old_args: old.decode_attention(*args)) * 1e3
         times: dict[str, list[float]] = {c: [] for c in cfgs}
         for _ in range(a.rounds):
             for c in cfgs:
@@ -76,10 +88,10 @@ def main() -> None:
                 times[c].append(graph_ms(lambda ca=ca: new.decode_attention(*ca)) * 1e3)
         for knob in ("PMKVQ_DECODE_CFG", "PMKVQ_DECODE_EDGE", "PMKVQ_DECODE_DYN", "PMKVQ_MERGE_CFG"):
             os.environ[knob] = ""
-        t_old2 = graph_ms(lambda args=args: old.decode_attention(*args)) * 1e3
+        t_old2 = graph_ms(lambda args=old_args: old.decode_attention(*args)) * 1e3
         res = "; ".join(f"[{c}] " + "/".join(f"{x:.1f}" for x in v) for c, v in times.items())
         print(f"{name}: old {t_old:.1f}/{t_old2:.1f} us; tree {res}", flush=True)
-        del args
+        del args, old_args
 
 
 if __name__ == "__main__":

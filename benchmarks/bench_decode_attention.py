@@ -1,6 +1,8 @@
 """Decode attention over the packed arena vs ``F.scaled_dot_product_attention`` on fp16 K/V (same run).
 
-Qwen2-7B geometry (Hq=28, Hkv=4, D=128, group 128), sink 1 @ 16 bits, window 128 @ 16 bits. Prints, per
+Qwen2-7B geometry (Hq=28, Hkv=4, D=128, group 128), sink 1 @ 16 bits, window 128 @ 16 bits; cases marked
+``f16 scales`` store the body's scales and zeros as float16 (a plan's ``scale_dtype="float16"``), the others
+as float32 (the default). Prints, per
 case, the time of ``pmkvq::decode_attention`` (Triton), the best fp16 SDPA time on the same shape (SDPA
 with ``enable_gqa=True``, and the GQA group folded into the query axis, whichever is faster), the ratio,
 and the achieved bandwidth as a fraction of a plain device-to-device copy measured in the same run.
@@ -28,17 +30,20 @@ from pmkvq_compile.kernels.layout import ArenaLayout
 HQ, HKV, D, GS, NW = 28, 4, 128, 128, 128
 
 
-def make_cache(batch: int, length: int, chunk_bits: list[tuple[int, int]], spare_chunks: int = 0):
+def make_cache(
+    batch: int, length: int, chunk_bits: list[tuple[int, int]], spare_chunks: int = 0, scale_bytes: int = 4
+):
     """A filled arena (random codes, scales in [0.01, 0.05]) holding ``length`` tokens: 1 sink token, the
-    given body chunks, and the rest in the window. Returns layout, arena, state, table."""
+    given body chunks, and the rest in the window; ``scale_bytes`` 2 stores <= 8-bit chunks' scales and
+    zeros as float16. Returns layout, arena, state, table."""
     nc = len(chunk_bits)
     wl = length - 1 - nc * NW
     assert 0 <= wl < NW, (length, nc)
-    proto = ArenaLayout(HKV, D, GS, 1, NW, 16, 16, 16, 4, 4, 1 << 30)
+    proto = ArenaLayout(HKV, D, GS, 1, NW, 16, 16, 16, 4, 4, 1 << 30, scale_bytes)
     body = sum(proto.chunk_bytes(kb, vb) for kb, vb in chunk_bits) + spare_chunks * proto.chunk_bytes(16, 16)
     budget = proto.body_offset + body
     budget += (-budget) % 16
-    lay = ArenaLayout(HKV, D, GS, 1, NW, 16, 16, 16, 2, 2, budget)
+    lay = ArenaLayout(HKV, D, GS, 1, NW, 16, 16, 16, 2, 2, budget, scale_bytes)
     dev = "cuda"
     arena = torch.randint(0, 256, (batch, budget), dtype=torch.uint8, device=dev)
     state = lay.initial_state(dev)
@@ -52,19 +57,14 @@ def make_cache(batch: int, length: int, chunk_bits: list[tuple[int, int]], spare
     state[0], state[1], state[2] = length, wl, nc
     if chunk_bits:
         state[3], state[4] = chunk_bits[-1]
-    # meta: every region's float32 [4, Hkv, cap, G] gets sane scales and zeros
-    af = arena.view(torch.float32)
+    # meta: every region's [4, Hkv, cap, G] (float32, or float16: lay.meta_dtype) gets sane scales and zeros;
+    # 16-bit codes get smaller scales (scale * code stays reasonable)
     regions = [(0, 1, 16, 16), (lay.window_offset, NW, 16, 16)] + [(o, NW, kb, vb) for o, kb, vb in rows]
     for o, cap, kb, vb in regions:
         _, _, m0, end = lay.region_parts(o, cap, kb, vb)
-        meta = af[:, m0 // 4 : end // 4].view(batch, 4, -1)
-        meta[:, 0::2] = torch.rand_like(meta[:, 0::2]) * 0.04 + 0.01
+        meta = arena[:, m0:end].view(lay.meta_dtype(kb, vb)).view(batch, 4, -1)
+        meta[:, 0::2] = (torch.rand_like(meta[:, 0::2]) * 0.04 + 0.01) * (1e-3 if kb == 16 else 1.0)
         meta[:, 1::2] = torch.rand_like(meta[:, 1::2]) * 2
-    # 16-bit codes: keep scale * code reasonable by using smaller scales there
-    for o, cap, _, _ in regions[:2]:
-        _, _, m0, end = lay.region_parts(o, cap, 16, 16)
-        meta = af[:, m0 // 4 : end // 4].view(batch, 4, -1)
-        meta[:, 0::2] *= 1e-3
     return lay, arena, state, table
 
 
@@ -73,11 +73,11 @@ def body_chunk_count(length: int) -> int:
     return (length - 1) // NW - 1 if (length - 1) % NW == 0 else (length - 1) // NW
 
 
-def step_args(batch: int, length: int, chunk_bits: list[tuple[int, int]]):
+def step_args(batch: int, length: int, chunk_bits: list[tuple[int, int]], scale_bytes: int = 4):
     """A :func:`make_cache` cache and one decode step's arguments for ``decode_attention``: fp16 queries, one
     new token used as both key and value, every row at ``length``, default splits (the last argument).
     Returns ``(layout, args)``; ``args[3]`` is the arena."""
-    lay, arena, state, table = make_cache(batch, length, chunk_bits)
+    lay, arena, state, table = make_cache(batch, length, chunk_bits, scale_bytes=scale_bytes)
     q = torch.randn(batch, HQ, D, dtype=torch.float16, device="cuda")
     kn = torch.randn(batch, HKV, 1, D, dtype=torch.float16, device="cuda")
     lengths = torch.full((batch,), length, dtype=torch.int32, device="cuda")
@@ -139,13 +139,20 @@ def main() -> None:
     length = args.length
     nc = body_chunk_count(length)
     copy_bw = copy_bandwidth()
+    mixed = [(4, 4)] * (nc // 2) + [(2, 2)] * (nc - nc // 2)
     cases = [
-        ("B8 4-bit", 8, [(4, 4)] * nc),
-        ("B8 2-bit", 8, [(2, 2)] * nc),
-        ("B8 mixed 4/2", 8, [(4, 4)] * (nc // 2) + [(2, 2)] * (nc - nc // 2)),
-        ("B8 8-bit", 8, [(8, 8)] * nc),
-        ("B1 4-bit", 1, [(4, 4)] * nc),
-        ("B1 2-bit", 1, [(2, 2)] * nc),
+        ("B8 4-bit", 8, [(4, 4)] * nc, 4),
+        ("B8 2-bit", 8, [(2, 2)] * nc, 4),
+        ("B8 mixed 4/2", 8, mixed, 4),
+        ("B8 8-bit", 8, [(8, 8)] * nc, 4),
+        ("B1 4-bit", 1, [(4, 4)] * nc, 4),
+        ("B1 2-bit", 1, [(2, 2)] * nc, 4),
+        ("B8 4-bit f16s", 8, [(4, 4)] * nc, 2),
+        ("B8 2-bit f16s", 8, [(2, 2)] * nc, 2),
+        ("B8 mixed f16s", 8, mixed, 2),
+        ("B8 8-bit f16s", 8, [(8, 8)] * nc, 2),
+        ("B1 4-bit f16s", 1, [(4, 4)] * nc, 2),
+        ("B1 2-bit f16s", 1, [(2, 2)] * nc, 2),
     ]
     if os.environ.get("SWEEP"):
         lay, arena, state, table = make_cache(8, length, [(4, 4)] * nc)
@@ -180,8 +187,8 @@ def main() -> None:
         f"{'case':<14} {'eager us':>9} {'graph us':>9} {'sdpa us':>8} {'speedup':>8} {'GB/s':>7} {'of copy':>8}  sdpa form"
     )
     sdpa_cache: dict[int, tuple[float, str]] = {}
-    for name, batch, chunks in cases:
-        lay, arena, state, table = make_cache(batch, length, chunks)
+    for name, batch, chunks, scale_bytes in cases:
+        lay, arena, state, table = make_cache(batch, length, chunks, scale_bytes=scale_bytes)
         q = torch.randn(batch, HQ, D, dtype=torch.float16, device="cuda")
         kn = torch.randn(batch, HKV, 1, D, dtype=torch.float16, device="cuda")
         vn = torch.randn_like(kn)
@@ -200,7 +207,7 @@ def main() -> None:
         results["cases"].append(
             {"case": name, "pmkvq_us": ms * 1e3, "pmkvq_graph_us": gms * 1e3, "sdpa_us": base * 1e3,
              "speedup": base / gms, "speedup_eager": base / ms, "GBps": bw / 1e9, "of_copy": bw / copy_bw,
-             "sdpa_form": form}
+             "sdpa_form": form, "scale_bytes": scale_bytes}
         )  # fmt: skip
         del arena
     for kern in (dk._attn_kernel, dk._merge_kernel):
@@ -249,13 +256,16 @@ def main() -> None:
     lay, arena0, state0, table0 = make_cache(batch, length, [(4, 4)] * nc)
     L = lay.to_list()
 
-    def ers_time() -> float:
+    def ers_time(cache=None) -> float:
+        """Median of 5 (after one warm-up) full-body ERS passes of copies of ``cache`` = (arena, state,
+        table, layout list), default the 4-bit cache above."""
+        a0, s0, t0, lay_list = cache or (arena0, state0, table0, L)
         times = []
         for _ in range(6):
-            arena, state, table = arena0.clone(), state0.clone(), table0.clone()
+            arena, state, table = a0.clone(), s0.clone(), t0.clone()
             torch.cuda.synchronize()
             start.record()
-            ops.requantize_body(arena, state, table, 2, 2, L)
+            ops.requantize_body(arena, state, table, 2, 2, lay_list)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) * 1e3)
@@ -268,11 +278,15 @@ def main() -> None:
     os.environ["PMKVQ_SHRINK_CFG"] = ""
     ers_us = ers_time()
     body_bytes = batch * nc * lay.chunk_bytes(4, 4)
+    lay16, a16, s16, t16 = make_cache(batch, length, [(4, 4)] * nc, scale_bytes=2)
+    ers16_us = ers_time((a16, s16, t16, lay16.to_list()))
+    del a16
     print(f"append 1 token, B{batch} (amortized over {steps} steps incl. flushes): {app_us:.1f} us eager, "
           f"{graph_us:.1f} us as CUDA graph replay")  # fmt: skip
     print(f"full-body ERS 4->2 bits, B{batch} x {length}: {ers_us:.0f} us ({body_bytes / 1e6:.0f} MB body, "
           f"{body_bytes / (ers_us * 1e-6) / 1e9:.0f} GB/s read)")  # fmt: skip
-    results.update(append_us=app_us, append_graph_us=graph_us, ers_us=ers_us)
+    print(f"full-body ERS 4->2 bits, f16 scales: {ers16_us:.0f} us")
+    results.update(append_us=app_us, append_graph_us=graph_us, ers_us=ers_us, ers_f16s_us=ers16_us)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

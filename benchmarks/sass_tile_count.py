@@ -27,11 +27,11 @@ from triton.compiler import ASTSource
 from pmkvq_compile.kernels import decode_attention as dk
 
 
-def compile_attn(pairs, block_n, warps, stages, maxnreg, block_m, d=128, hq=28, hkv=4):
+def compile_attn(pairs, block_n, warps, stages, maxnreg, block_m, d=128, hq=28, hkv=4, half_scales=False):
     code = sum(
         ((kb.bit_length() - 2) * 4 + vb.bit_length() - 2) << (4 * k) for k, (kb, vb) in enumerate(pairs)
     )
-    sig = {"q_ptr": "*fp16", "a8": "*u8", "a16": "*i16", "a32": "*i32", "af": "*fp32", "table": "*i32",
+    sig = {"q_ptr": "*fp16", "a8": "*u8", "a16": "*i16", "a32": "*i32", "af": "*fp32", "ah": "*fp16", "table": "*i32",
            "state": "*i32", "lengths": "*i32", "ks_ptr": "*fp16", "part_acc": "*fp32", "part_ml": "*fp32",
            "ROW_BYTES": "i32", "qk_scale": "fp32"}  # fmt: skip
     const = dict(
@@ -39,11 +39,13 @@ def compile_attn(pairs, block_n, warps, stages, maxnreg, block_m, d=128, hq=28, 
         EDGE_SPLITS=8, SLOTS=12 + 8, TB=512, MAXC=300, RUNB=64, WPER=16, PAIRS=code, NP=len(pairs),
         FAST_MASK=sum(dk._pair_bit(*p) for p in pairs), HAS_KS=False, BLOCK_M=block_m, BLOCK_N=block_n,
         EBLOCK_N=16, CT=tl.float16, DT=tl.float16, PREC="tf32", ASM=True, EDGE_FIRST=False, BODY_STAGES=0,
+        HM=half_scales,
     )  # fmt: skip
     const = {n: v for n, v in const.items() if n in dk._attn_kernel.arg_names}  # older revisions lack some
     sig = {n: v for n, v in sig.items() if n in dk._attn_kernel.arg_names}
     sig.update({n: "constexpr" for n in const})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(12)}
+    # the pointers and ROW_BYTES (older revisions have no float16 view "ah")
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(13 if "ah" in sig else 12)}
     opts = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
     src = ASTSource(fn=dk._attn_kernel, signature=sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
@@ -78,10 +80,13 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--hq", type=int, default=28)
     ap.add_argument("--hkv", type=int, default=4)
+    ap.add_argument("--half-scales", action="store_true", help="float16 scales and zeros (scale_dtype)")
     ap.add_argument("--dump", help="write the tile loop's SASS to this file")
     a = ap.parse_args()
     pairs = [tuple(int(x) for x in p.split(",")) for p in a.pairs.split(";")]
-    c = compile_attn(pairs, a.block_n, a.warps, a.stages, a.maxnreg, a.block_m, a.head_dim, a.hq, a.hkv)
+    c = compile_attn(
+        pairs, a.block_n, a.warps, a.stages, a.maxnreg, a.block_m, a.head_dim, a.hq, a.hkv, a.half_scales
+    )
     nv = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
