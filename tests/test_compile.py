@@ -25,12 +25,15 @@ def _reference_generate(model, plan, ids, n):
         )
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_compiled_generate_matches_eager_reference_with_progression(arch: str) -> None:
+@pytest.mark.parametrize(
+    "arch,scale_dtype",
+    [("llama", "float32"), ("qwen2", "float32"), ("mistral", "float32"), ("llama", "float16")],
+)
+def test_compiled_generate_matches_eager_reference_with_progression(arch: str, scale_dtype: str) -> None:
     torch._dynamo.reset()
     counters.clear()
     model = tiny(arch)
-    plan = pk.Plan.uniform(model.config, 2, 160, n_window=8)
+    plan = pk.Plan.uniform(model.config, 2, 160, n_window=8, scale_dtype=scale_dtype)
     cm = pk.compile(model, plan, backend="eager")
     ids = torch.randint(3, 96, (1, 12))
     out = cm.generate(ids, max_new_tokens=140)
