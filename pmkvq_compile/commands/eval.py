@@ -11,7 +11,7 @@ import torch
 
 
 def add_parser(sub: Any) -> None:
-    from ..evaluation.methods import METHOD_KINDS
+    from ..evaluation.methods import DEFAULT_KINDS, METHOD_KINDS
     from ..evaluation.workload import DEFAULT_PROMPT_NAMES, DEFAULT_TRACES_PATH, PROMPTS
 
     p = sub.add_parser(
@@ -30,7 +30,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--n-new", type=int, default=2048, help="generated tokens per trace when regenerating")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N generated tokens")
     p.add_argument("--budgets", type=int, nargs="+", default=[4, 2], help="budget bit-widths (8, 4, 2)")
-    p.add_argument("--methods", nargs="+", default=list(METHOD_KINDS), choices=METHOD_KINDS)
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_KINDS),
+        choices=METHOD_KINDS,
+        help="method kinds (pmkvq-f16s: PM-KVQ uniform with float16 scales at the same bytes; not by default)",
+    )
     p.add_argument("--window", type=int, default=32, help="PM-KVQ 16-bit window tokens (paper: 128)")
     p.add_argument("--chunk", type=int, default=32, help="teacher-forcing chunk (tokens per forward)")
     p.add_argument("--free-run", type=int, default=128, help="greedy tokens decoded after each trace")

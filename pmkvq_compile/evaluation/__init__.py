@@ -8,12 +8,13 @@
 """
 
 from .baselines import BaselineCache, KIVIConfig, RTNConfig, kivi_bytes, kv_nbytes, rtn_bytes
-from .methods import METHOD_KINDS, Method, build_methods, fit_kivi
+from .methods import DEFAULT_KINDS, METHOD_KINDS, Method, build_methods, fit_kivi
 from .run import EvalConfig, format_buckets, format_table, run_eval, save_results
 from .score import TraceScores, bucket_stats, score_trace, summary_stats
 from .workload import PROMPTS, Trace, generate_traces, load_traces, save_traces
 
 __all__ = [
+    "DEFAULT_KINDS",
     "METHOD_KINDS",
     "PROMPTS",
     "BaselineCache",

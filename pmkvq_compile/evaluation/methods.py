@@ -11,6 +11,8 @@ the 16-bit sink and window included). At that budget:
 * ``pmkvq-uniform-b``: PM-KVQ with ``Plan.uniform`` at ``b`` bits: exactly the budget.
 * ``pmkvq-calibrated-b``: PM-KVQ with a plan from :func:`pmkvq_compile.calibrate.calibrate` at the same
   budget in bytes (bit choices :func:`calibrated_bit_choices`), given by the caller.
+* ``pmkvq-f16s-b`` (not in the default set): ``Plan.uniform`` at ``b`` bits with ``scale_dtype="float16"``,
+  given the same budget in bytes per layer; its smaller tokens keep the body at more bits for longer.
 
 ``unquantized`` is the reference (a ``DynamicCache`` at the model's dtype); it has no budget.
 """
@@ -24,10 +26,11 @@ from typing import Any
 from transformers.cache_utils import Cache, DynamicCache
 
 from ..cache import ProgressiveKVCache
-from ..plan import ModelGeometry, Plan
+from ..plan import LayerPlan, ModelGeometry, Plan
 from .baselines import BaselineCache, KIVIConfig, RTNConfig, kivi_bytes, rtn_bytes
 
 __all__ = [
+    "DEFAULT_KINDS",
     "KIVI_KEY_GROUPS",
     "METHOD_KINDS",
     "Method",
@@ -38,7 +41,8 @@ __all__ = [
     "peak_bytes",
 ]
 
-METHOD_KINDS = ("rtn", "kivi", "pmkvq-uniform", "pmkvq-calibrated")
+METHOD_KINDS = ("rtn", "kivi", "pmkvq-uniform", "pmkvq-calibrated", "pmkvq-f16s")
+DEFAULT_KINDS = ("rtn", "kivi", "pmkvq-uniform", "pmkvq-calibrated")
 KIVI_KEY_GROUPS = (32, 64, 128)  # group sizes the KIVI paper reports
 KIVI_MAX_RESIDUAL = 128  # the paper's residual length
 
@@ -119,7 +123,7 @@ def build_methods(
     max_len: int,
     *,
     window: int = 32,
-    kinds: Sequence[str] = METHOD_KINDS,
+    kinds: Sequence[str] = DEFAULT_KINDS,
     calibrated_plans: dict[int, Plan] | None = None,
 ) -> list[Method]:
     """The reference plus every kind in ``kinds`` at every budget in ``budgets`` (bits, from {8, 4, 2}).
@@ -183,6 +187,15 @@ def build_methods(
                 )
             elif kind == "pmkvq-uniform":
                 out.append(_pmkvq_method(f"pmkvq-uniform-{b}", kind, b, uplan, config, budget))
+            elif kind == "pmkvq-f16s":
+                half = Plan.uniform(config, b, max_len, n_window=window, group_size=gs, scale_dtype="float16")
+                half = half.with_layers(
+                    [
+                        LayerPlan(h.key_bits, h.value_bits, u.budget_bytes)
+                        for h, u in zip(half.layers, uplan.layers)
+                    ]
+                )
+                out.append(_pmkvq_method(f"pmkvq-f16s-{b}", kind, b, half, config, budget))
             else:
                 plan = plans.get(b)
                 if plan is None:
@@ -215,5 +228,6 @@ def _pmkvq_method(name: str, kind: str, bits: int, plan: Plan, config: Any, budg
             "n_window": plan.n_window,
             "group_size": plan.group_size,
             "max_len": plan.max_len,
+            "scale_dtype": plan.scale_dtype,
         },
     )

@@ -15,6 +15,7 @@ _STYLE = {
     "kivi": ("tab:orange", "-."),
     "pmkvq-uniform": ("tab:blue", "-"),
     "pmkvq-calibrated": ("tab:green", "--"),
+    "pmkvq-f16s": ("tab:purple", "-"),
     "unquantized": ("black", "-"),
 }
 

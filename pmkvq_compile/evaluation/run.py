@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..plan import Plan
-from .methods import METHOD_KINDS, Method, build_methods, calibrated_bit_choices
+from .methods import DEFAULT_KINDS, METHOD_KINDS, Method, build_methods, calibrated_bit_choices
 from .score import TraceScores, bucket_stats, score_trace, summary_stats
 from .workload import Trace
 
@@ -35,7 +35,7 @@ class EvalConfig:
     """
 
     budgets: tuple[int, ...] = (4, 2)
-    kinds: tuple[str, ...] = METHOD_KINDS
+    kinds: tuple[str, ...] = DEFAULT_KINDS
     window: int = 32
     chunk: int = 32
     free_run: int = 128

@@ -168,3 +168,22 @@ def test_bad_settings_are_refused() -> None:
         build_methods(GEO, [3], 64)
     with pytest.raises(ValueError, match="needs a calibrated plan"):
         build_methods(GEO, [4], 64, window=8, kinds=("pmkvq-calibrated",))
+
+
+def test_float16_scale_method_has_the_same_bytes_and_keeps_more_bits() -> None:
+    """``pmkvq-f16s-b``: the uniform plan with float16 scales, given the float32 plan's bytes per layer; fed the
+    same tokens, its body is never at fewer bits than the float32 plan's, and it drops later."""
+    ms = {m.name: m for m in build_methods(GEO, [2], 600, window=32, kinds=("pmkvq-uniform", "pmkvq-f16s"))}
+    u, h = ms["pmkvq-uniform-2"], ms["pmkvq-f16s-2"]
+    assert h.budget_bytes == u.budget_bytes == h.peak_bytes == u.peak_bytes
+    assert h.settings["scale_dtype"] == "float16" and u.settings["scale_dtype"] == "float32"
+    cu, ch = u.make_cache(), h.make_cache()
+    k, v = _kv(600, seed=3)
+    later = 0
+    for t in range(0, 600, 8):
+        cu.update(k[:, :, t : t + 8], v[:, :, t : t + 8], 0)
+        ch.update(k[:, :, t : t + 8], v[:, :, t : t + 8], 0)
+        bu, bh = cu.body_bits(0), ch.body_bits(0)
+        assert bh >= bu and ch.nbytes(0) <= ch.layers[0].lp.budget_bytes
+        later += bh > bu
+    assert later > 0 and ch.body_bits(0) == (2, 2)
