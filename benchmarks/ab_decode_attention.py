@@ -9,7 +9,8 @@ cfg]]]"`` (``@0``: the defaults; ``@s11``: 11 splits in every case; the last thr
 ``"@0;128,4,2,168@3;@s11@1;@0@@@64,4"``). Each tree
 output is checked against the old one's (max |diff| < 2e-2). ``--f16-scales`` adds the cases with float16
 scales and zeros (``scale_bytes=2``), which an old revision cannot read: those check every configuration
-against the tree's defaults and time the old kernel on the float32-scale cache of the same draw. Prints CUDA-graph medians in us and the fp16
+against the tree's defaults and time the old kernel on the float32-scale cache of the same draw, unless
+``--old-reads-f16`` says the old revision reads them too (then they are compared as the others). Prints CUDA-graph medians in us and the fp16
 SDPA time of the same shapes. GPU only::
 
     git show <rev>:pmkvq_compile/kernels/decode_attention.py > /tmp/old_decode_attention.py
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--length", type=int, default=32768)
     ap.add_argument("--f16-scales", action="store_true", help="also the float16-scale cases")
+    ap.add_argument("--old-reads-f16", action="store_true", help="the old revision has scale_bytes too")
     a = ap.parse_args()
     old = load_kernel_copy(a.old, "_ab_old")
     n = a.length
@@ -61,7 +63,7 @@ def main() -> None:
         lay, args = step_args(b, n, chunks, scale_bytes)
         for knob in ("PMKVQ_DECODE_CFG", "PMKVQ_DECODE_EDGE", "PMKVQ_DECODE_DYN", "PMKVQ_MERGE_CFG"):
             os.environ[knob] = ""
-        if scale_bytes == 4:
+        if scale_bytes == 4 or a.old_reads_f16:
             ref = old.decode_attention(*args).float()
             old_args = args
         else:
