@@ -112,6 +112,12 @@ def test_bits_budget_interpolates_the_memory_model() -> None:
     assert bits_budget(proto, 2) < bits_budget(proto, 2.5) < bits_budget(proto, 3)
     assert parse_budget("2.5bit", proto) == parse_budget(" 2.5 bits ", proto) == bits_budget(proto, 2.5)
     assert parse_budget(12345, proto) == 12345
+    # float16 scales: 2 bytes per scale and zero at <= 8 bits, so the budget of b bits is that plan's
+    half = Plan.uniform(GEO, 2, 1000, n_window=32, scale_dtype="float16")
+    for b in (2, 4, 8, 16):
+        want = Plan.uniform(GEO, b, 1000, n_window=32, scale_dtype="float16").total_budget_bytes
+        assert bits_budget(half, b) == want
+        assert (want < bits_budget(proto, b)) == (b <= 8)
 
 
 @pytest.mark.parametrize("bad", ["3 bytes", "", "bit", 0, -5, 2.5, True, "1bit", "17bit"])
