@@ -9,8 +9,8 @@ zero of every group, for keys and values:
 ``token_bytes(kb, vb) = Hkv * (D * kb / 8 + D * vb / 8 + 4 * m * (D / group_size))``
 
 with ``m`` = 4 bytes (float32 scale and zero). A plan with ``scale_dtype="float16"`` stores the scale and zero
-of tokens whose codes have at most 8 bits (both K and V) as float16 (``m`` = 2), as KIVI and the research
-code do; 16-bit tokens keep float32 (a float16 zero point would swamp 16-bit codes).
+of tokens whose codes have at most 8 bits (both K and V) as float16 (``m`` = 2), as KIVI does; 16-bit tokens
+keep float32 (a float16 zero point would swamp 16-bit codes).
 
 A layer's storage is ``n_sink`` sink tokens at ``sink_bits``, a reserved window of ``n_window`` tokens at
 ``window_bits`` and a body of whole ``n_window``-token chunks. Its budget at final bits ``(kb, vb)`` is the
