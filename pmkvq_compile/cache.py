@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import quant
 from .kernels.layout import meta_cast
-from .plan import LayerPlan, ModelGeometry, Plan, meta_bytes, next_body_bits
+from .plan import LayerPlan, ModelGeometry, Plan, meta_bytes, meta_dtype, next_body_bits
 
 __all__ = ["BudgetExceededError", "ProgressiveKVCache", "ProgressiveLayer", "Segment", "next_body_bits"]
 
@@ -197,7 +197,7 @@ class ProgressiveLayer(CacheLayerMixin):
         k0, v0, m0, end = seg.parts(self.hkv, self.d, self.groups, sd)
         kc = a[:, k0:v0].view(b, self.hkv, seg.capacity, self.d * seg.key_bits // 8)
         vc = a[:, v0:m0].view(b, self.hkv, seg.capacity, self.d * seg.value_bits // 8)
-        mdt = torch.float16 if meta_bytes(seg.key_bits, seg.value_bits, sd) == 2 else torch.float32
+        mdt = meta_dtype(seg.key_bits, seg.value_bits, sd)
         meta = a[:, m0:end].view(mdt).view(b, 4, self.hkv, seg.capacity, self.groups)
         return kc, vc, meta
 

@@ -41,6 +41,7 @@ __all__ = [
     "Plan",
     "PlanMismatchError",
     "meta_bytes",
+    "meta_dtype",
     "next_body_bits",
     "token_bytes",
 ]
@@ -160,6 +161,11 @@ def meta_bytes(key_bits: float, value_bits: float, scale_dtype: str = "float32")
     """Bytes of one stored scale or zero of a token at these bits: 2 with ``scale_dtype="float16"`` when both
     widths are at most 8 bits, else 4 (float32)."""
     return 2 if check_scale_dtype(scale_dtype) == "float16" and max(key_bits, value_bits) <= 8 else 4
+
+
+def meta_dtype(key_bits: int, value_bits: int, scale_dtype: str = "float32") -> torch.dtype:
+    """The stored dtype of a token's scale and zero at these bits (:func:`meta_bytes`)."""
+    return torch.float16 if meta_bytes(key_bits, value_bits, scale_dtype) == 2 else torch.float32
 
 
 def token_bytes(

@@ -26,7 +26,7 @@ from dataclasses import astuple, dataclass, fields
 
 import torch
 
-from ..plan import Plan, check_half_meta_alignment, meta_bytes, next_body_bits
+from ..plan import Plan, check_half_meta_alignment, meta_bytes, meta_dtype, next_body_bits
 from ..quant import check_bits
 
 __all__ = [
@@ -137,7 +137,7 @@ class ArenaLayout:
         return meta_bytes(kb, vb, "float16" if self.scale_bytes == 2 else "float32")
 
     def meta_dtype(self, kb: int, vb: int) -> torch.dtype:
-        return torch.float16 if self.meta_bytes(kb, vb) == 2 else torch.float32
+        return meta_dtype(kb, vb, "float16" if self.scale_bytes == 2 else "float32")
 
     def token_bytes(self, kb: int, vb: int) -> int:
         return self.num_kv_heads * (
