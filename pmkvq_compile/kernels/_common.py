@@ -160,14 +160,18 @@ def token_meta_bytes(kb, vb, HM: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
+def _half_mask(idx, half):
+    """The scalar ``half`` broadcast to ``idx``'s shape (the interpreter cannot and a 0-d mask into a load's)."""
+    return (tl.zeros_like(idx) + half.to(tl.int32)) != 0
+
+
+@triton.jit
 def load_meta(af, ah, mbyte, idx, mask, half, HM: tl.constexpr):
     """Meta elements ``idx`` (any shape) of a region whose meta starts at arena byte ``mbyte``, as float32:
     read as float16 where ``half`` (only with ``HM``), else as float32. ``af``/``ah``: the arena as float32 /
     float16."""
     if HM:
-        hb = (
-            tl.zeros_like(idx) + half.to(tl.int32)
-        ) != 0  # idx's shape (the interpreter cannot and a 0-d mask)
+        hb = _half_mask(idx, half)
         x = tl.load(af + mbyte // 4 + idx, mask=mask & (hb == 0), other=0.0)
         xh = tl.load(ah + mbyte // 2 + idx, mask=mask & hb, other=0.0)
         x = tl.where(hb, xh.to(tl.float32), x)
@@ -181,9 +185,7 @@ def store_meta(af, ah, mbyte, idx, val, mask, half, HM: tl.constexpr):
     """Store float32 ``val`` as meta elements ``idx`` (see :func:`load_meta`): float16 where ``half``,
     clamped to +-65504 and rounded to nearest even (layout.meta_cast)."""
     if HM:
-        hb = (
-            tl.zeros_like(idx) + half.to(tl.int32)
-        ) != 0  # idx's shape (the interpreter cannot and a 0-d mask)
+        hb = _half_mask(idx, half)
         tl.store(af + mbyte // 4 + idx, val, mask=mask & (hb == 0))
         hv = tl.minimum(tl.maximum(val, -65504.0), 65504.0).to(tl.float16)
         tl.store(ah + mbyte // 2 + idx, hv, mask=mask & hb)
