@@ -105,23 +105,27 @@ def quantize4(x0, x1, x2, x3, bits, R: tl.constexpr, G: tl.constexpr, W: tl.cons
 
 @triton.jit
 def _ers_once(q, c):
+    """One ERS level to ``c`` bits of codes ``q`` < ``2^(2c)`` (quant.requantize). Unsigned 32-bit math is
+    exact here: the largest case, ``c = 8``, reaches ``65535 * 65281 + 8355968 < 2^32``."""
     mul = (1 << (2 * c)) - (1 << c) + 1
     add = (1 << (3 * c - 1)) - (1 << (2 * c - 1)) + (1 << (c - 1))
-    return (((q.to(tl.int64) * mul + add) >> (3 * c)) & ((1 << c) - 1)).to(tl.int32)
+    return (
+        ((q.to(tl.uint32) * mul.to(tl.uint32) + add.to(tl.uint32)) >> (3 * c).to(tl.uint32)) & ((1 << c) - 1)
+    ).to(tl.int32)
 
 
 @triton.jit
 def ers_codes4(c0, c1, c2, c3, bits, target):
-    """ERS 4-part codes from ``bits`` down to ``target`` level by level (quant.requantize, repeated)."""
+    """ERS 4-part codes from ``bits`` down to ``target`` level by level (quant.requantize, repeated): a loop
+    of as many levels as the run-time bits need (none when ``bits <= target``)."""
     bits = bits + tl.zeros([], dtype=tl.int32)
-    for _ in tl.static_range(3):
-        do = bits > target
-        c = tl.maximum(bits // 2, 1)
-        c0 = tl.where(do, _ers_once(c0, c), c0)
-        c1 = tl.where(do, _ers_once(c1, c), c1)
-        c2 = tl.where(do, _ers_once(c2, c), c2)
-        c3 = tl.where(do, _ers_once(c3, c), c3)
-        bits = tl.where(do, c, bits)
+    while bits > target:
+        c = bits // 2
+        c0 = _ers_once(c0, c)
+        c1 = _ers_once(c1, c)
+        c2 = _ers_once(c2, c)
+        c3 = _ers_once(c3, c)
+        bits = c
     return c0, c1, c2, c3
 
 
@@ -210,11 +214,10 @@ def next_bits(kb, vb, fk, fv):
 def ers_scale(scale, bits, target):
     """The scale half of :func:`ers4`: ``scale * (2^c + 1)`` per level from ``bits`` down to ``target``."""
     bits = bits + tl.zeros([], dtype=tl.int32)
-    for _ in tl.static_range(3):
-        do = bits > target
-        c = tl.maximum(bits // 2, 1)
-        scale = tl.where(do, scale * ((1 << c) + 1).to(tl.float32), scale)
-        bits = tl.where(do, c, bits)
+    while bits > target:
+        c = bits // 2
+        scale = scale * ((1 << c) + 1).to(tl.float32)
+        bits = c
     return scale
 
 
