@@ -134,6 +134,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--length", type=int, default=32768)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--costs-only", action="store_true", help="only the append and ERS costs (no attention)")
     args = ap.parse_args()
     torch.manual_seed(0)
     length = args.length
@@ -151,6 +152,8 @@ def main() -> None:
     cases = [
         (name + suffix, b, chunks, sb) for sb, suffix in ((4, ""), (2, " f16s")) for name, b, chunks in shapes
     ]
+    if args.costs_only:
+        cases = []
     if os.environ.get("SWEEP"):
         lay, arena, state, table = make_cache(8, length, [(4, 4)] * nc)
         q = torch.randn(8, HQ, D, dtype=torch.float16, device="cuda")
@@ -274,6 +277,17 @@ def main() -> None:
         print(f"sweep full-body ERS cfg {cfg}: {ers_time():.0f} us")
     os.environ["PMKVQ_SHRINK_CFG"] = ""
     ers_us = ers_time()
+    # the shared shrink against one program per row (the waves run in order there): bit for bit
+    got = [t.clone() for t in (arena0, state0, table0)]
+    ops.requantize_body(*got, 2, 2, L)
+    os.environ["PMKVQ_SHRINK_CFG"] = "32,4,1"
+    want = [t.clone() for t in (arena0, state0, table0)]
+    ops.requantize_body(*want, 2, 2, L)
+    os.environ["PMKVQ_SHRINK_CFG"] = ""
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), (
+        "shared ERS differs from one program"
+    )
+    del got, want
     body_bytes = batch * nc * lay.chunk_bytes(4, 4)
     lay16, a16, s16, t16 = make_cache(batch, length, [(4, 4)] * nc, scale_bytes=2)
     ers16_us = ers_time((a16, s16, t16, lay16.to_list()))

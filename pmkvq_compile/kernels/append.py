@@ -4,9 +4,10 @@ Four launches, in stream order, none of which needs the host to read the state:
 
 1. ``_plan_kernel`` (one program): from ``state`` and ``T`` decide sink/window/flush counts and the body's
    new bits (the cache's ERS schedule), write them to a small int32 plan, update ``state`` and ``table``.
-2. ``_shrink_kernel`` (one program per batch row; a no-op unless the body's bits drop): ERS every body chunk
-   in place and compact the chunks, in order, K codes then V codes then meta, a barrier between each block's
-   loads and stores. New offsets never pass old ones, so this is race-free in one program.
+2. ``_shrink_kernel`` (a no-op unless the body's bits drop): ERS every body chunk in place and compact the
+   chunks. New offsets never pass old ones; the chunks move in waves (the first one or two alone, in order,
+   K codes then V codes then meta with a barrier between each block's loads and stores; later waves as
+   many chunks at once as land in space already read), shared by several programs per batch row.
 3. ``_flush_kernel``: full window chunks (old window tokens + new tokens) ERS'd from window bits to the
    body's bits into new body chunks.
 4. ``_tail_kernel``: new tokens that land in the sink (sink bits) or in the window (window bits).
@@ -39,6 +40,7 @@ from .layout import ArenaLayout, check_layout_tensors
 __all__ = ["append", "requantize_body_launch"]
 
 PLAN_SIZE = 16
+_PLAN_SIZE = tl.constexpr(PLAN_SIZE)  # the same, readable inside @triton.jit functions
 # plan fields
 _VALID, _TO_SINK, _N_FLUSH, _NT, _WL, _NC, _OKB, _OVB, _NKB, _NVB, _SHRINK = range(11)
 
@@ -57,6 +59,7 @@ def _plan_kernel(
     table,
     plan,
     T,
+    NB,
     TARGET_KB,
     TARGET_VB,
     FORCE: tl.constexpr,
@@ -122,6 +125,10 @@ def _plan_kernel(
         tl.store(table + idx * 3, BODY_OFF + idx * cb, mask=m)
         tl.store(table + idx * 3 + 1, kb + idx * 0, mask=m)
         tl.store(table + idx * 3 + 2, vb + idx * 0, mask=m)
+    # the shrink's ticket and done counters, two per batch row
+    for i0 in range(0, 2 * NB, BLOCK):
+        idx = i0 + tl.arange(0, BLOCK)
+        tl.store(plan + _PLAN_SIZE + idx, idx * 0, mask=idx < 2 * NB)
 
 
 @triton.jit
@@ -138,7 +145,8 @@ def _shrink_codes(
     D: tl.constexpr,
     R: tl.constexpr,
 ):
-    """Rows ``[0, ROWS)`` of codes at ``obits`` from ``old_start`` to ``nbits`` at ``new_start`` (in order)."""
+    """Rows ``[0, ROWS)`` of codes at ``obits`` from ``old_start`` to ``nbits`` at ``new_start`` (in order,
+    each block of ``R`` rows read whole before it is written)."""
     i = tl.arange(0, D // 4)
     for r0 in range(0, ROWS, R):
         r = r0 + tl.arange(0, R)
@@ -152,6 +160,89 @@ def _shrink_codes(
             a8, a16, a32, row0 + new_start + r.to(tl.int64) * (D * nbits // 8), i, m, nbits, c0, c1, c2, c3
         )
         tl.debug_barrier()
+
+
+@triton.jit
+def _shrink_chunk(
+    a8, a16, a32, af, ah, row0, c, okb, ovb, nkb, nvb, ocb, ncb, ohalf, nhalf,
+    HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, NW: tl.constexpr, BODY_OFF: tl.constexpr,
+    HM: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Body chunk ``c`` ERS'd from ``(okb, ovb)`` to ``(nkb, nvb)`` and moved from its old place (chunks of
+    ``ocb`` bytes) to its new one (``ncb``) where the two overlap: K codes, then V codes, then meta, in
+    order, each block read whole before it is written, so no new byte passes an old one not yet read."""
+    oo = BODY_OFF + c * ocb
+    no = BODY_OFF + c * ncb
+    ROWS: tl.constexpr = HKV * NW
+    _shrink_codes(a8, a16, a32, row0, oo, no, okb, nkb, ROWS, D, R)
+    vo = oo + ROWS * (D * okb // 8)
+    _shrink_codes(a8, a16, a32, row0, vo, no + ROWS * (D * nkb // 8), ovb, nvb, ROWS, D, R)
+    # element e moves from old byte om + e * (4 or 2) to new byte nm + e * (4 or 2) <= that: each block is
+    # read whole before it is written, so the float32 -> float16 narrowing is in place too
+    om = row0 + region_meta_byte(oo, NW, okb, ovb, HKV, D)
+    nm = row0 + region_meta_byte(no, NW, nkb, nvb, HKV, D)
+    PART: tl.constexpr = ROWS * G
+    for e0 in range(0, 4 * PART, BLOCK):
+        e = e0 + tl.arange(0, BLOCK)
+        m = e < 4 * PART
+        x = load_meta(af, ah, om, e, m, ohalf, HM)
+        part = e // PART
+        x = tl.where(part == 0, ers_scale(x, okb, nkb), x)
+        x = tl.where(part == 2, ers_scale(x, ovb, nvb), x)
+        tl.debug_barrier()
+        store_meta(af, ah, nm, e, x, m, nhalf, HM)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _shrink_item(
+    a8, a16, a32, af, ah, row0, c, r_begin, okb, ovb, nkb, nvb, ocb, ncb, ohalf, nhalf,
+    HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, NW: tl.constexpr, BODY_OFF: tl.constexpr,
+    HM: tl.constexpr, IR: tl.constexpr,
+):  # fmt: skip
+    """:func:`_shrink_chunk` for rows ``[r_begin, r_begin + IR)`` of a chunk whose old and new places are
+    disjoint (a wave of several chunks): every load (K codes, V codes, the rows' meta) is issued before any
+    store, with no barrier, so the item costs one round trip to memory."""
+    oo = BODY_OFF + c * ocb
+    no = BODY_OFF + c * ncb
+    ROWS: tl.constexpr = HKV * NW
+    i = tl.arange(0, D // 4)
+    r = r_begin + tl.arange(0, IR)
+    m = r < ROWS
+    r = r.to(tl.int64)
+    k0, k1, k2, k3 = load_codes4(a8, a16, a32, row0 + oo + r * (D * okb // 8), i, m, okb)
+    vo = oo + ROWS * (D * okb // 8)
+    v0, v1, v2, v3 = load_codes4(a8, a16, a32, row0 + vo + r * (D * ovb // 8), i, m, ovb)
+    om = row0 + region_meta_byte(oo, NW, okb, ovb, HKV, D)
+    nm = row0 + region_meta_byte(no, NW, nkb, nvb, HKV, D)
+    SPAN: tl.constexpr = IR * G
+    MB: tl.constexpr = triton.next_power_of_2(4 * SPAN)
+    k = tl.arange(0, MB)
+    part = k // SPAN
+    e = part * (ROWS * G) + r_begin * G + k % SPAN
+    mm = (k < 4 * SPAN) & (r_begin * G + k % SPAN < ROWS * G)
+    x = load_meta(af, ah, om, e, mm, ohalf, HM)
+    k0, k1, k2, k3 = ers_codes4(k0, k1, k2, k3, okb, nkb)
+    store_codes4(a8, a16, a32, row0 + no + r * (D * nkb // 8), i, m, nkb, k0, k1, k2, k3)
+    v0, v1, v2, v3 = ers_codes4(v0, v1, v2, v3, ovb, nvb)
+    vn = no + ROWS * (D * nkb // 8)
+    store_codes4(a8, a16, a32, row0 + vn + r * (D * nvb // 8), i, m, nvb, v0, v1, v2, v3)
+    x = tl.where(part == 0, ers_scale(x, okb, nkb), x)
+    x = tl.where(part == 2, ers_scale(x, ovb, nvb), x)
+    store_meta(af, ah, nm, e, x, mm, nhalf, HM)
+
+
+@triton.jit
+def _wave_end(lo, nc, ocb, ncb):
+    """The end of the shrink wave that starts at chunk ``lo``, and whether that wave is one chunk moved in
+    place (in order). Chunks ``[lo, hi)`` with ``hi * ncb <= lo * ocb`` all land below the old place of chunk
+    ``lo``, i.e. in chunks that earlier waves have read, and none lands where another of them is read: they may
+    move at once, in any order and split in parts. Where not even chunk ``lo`` fits (it overlaps its own old
+    place: the first one or two chunks), the wave is that chunk alone, moved whole by one program in order."""
+    hi = (lo * ocb) // ncb
+    whole = hi <= lo
+    hi = tl.minimum(tl.where(whole, lo + 1, hi), nc)
+    return hi, whole
 
 
 @triton.jit
@@ -170,8 +261,18 @@ def _shrink_kernel(
     BODY_OFF: tl.constexpr,
     HM: tl.constexpr,
     R: tl.constexpr,
+    ITEM_ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
+    REVERSE: tl.constexpr,
 ):
+    """ERS of every body chunk of row ``program_id(0)`` in place, shared by the ``program_id(1)`` programs of
+    the row in waves (:func:`_wave_end`). A program takes work items by ticket (an atomic counter of the row;
+    items in wave order: a whole-chunk item, or ``ITEM_ROWS`` rows of a chunk), waits until every item of the
+    earlier waves is done (a second counter), does it and counts it done. A waiting program only waits for
+    items that running programs hold, so no launch order is assumed; the interpreter's first program of a row
+    simply does them all. The plan kernel zeroes both counters. ``REVERSE`` (a test hook) takes each wave's
+    items last first: run in order, as the interpreter does, that is the schedule in which a wave taken too
+    wide would overwrite a chunk before it is read."""
     b = tl.program_id(0)
     row0 = b.to(tl.int64) * ROW_BYTES
     shrink = tl.load(plan + 10)
@@ -180,43 +281,53 @@ def _shrink_kernel(
     ovb = tl.load(plan + 7)
     nkb = tl.load(plan + 8)
     nvb = tl.load(plan + 9)
+    ticket = plan + _PLAN_SIZE + 2 * b
+    done = ticket + 1
     if shrink != 0:
-        ocb = _chunk_bytes(okb, ovb, NW, HKV, D, G, HM)
-        ncb = _chunk_bytes(nkb, nvb, NW, HKV, D, G, HM)
+        ocb = _chunk_bytes(okb, ovb, NW, HKV, D, G, HM).to(tl.int64)
+        ncb = _chunk_bytes(nkb, nvb, NW, HKV, D, G, HM).to(tl.int64)
         ohalf = meta_half(okb, ovb, HM)
         nhalf = meta_half(nkb, nvb, HM)
-        for c in range(0, nc):
-            oo = BODY_OFF + c * ocb.to(tl.int64)
-            no = BODY_OFF + c * ncb.to(tl.int64)
-            _shrink_codes(a8, a16, a32, row0, oo, no, okb, nkb, HKV * NW, D, R)
-            _shrink_codes(
-                a8,
-                a16,
-                a32,
-                row0,
-                oo + HKV * NW * (D * okb // 8),
-                no + HKV * NW * (D * nkb // 8),
-                ovb,
-                nvb,
-                HKV * NW,
-                D,
-                R,
-            )
-            # element e moves from old byte om + e * (4 or 2) to new byte nm + e * (4 or 2) <= that: each
-            # block is read whole before it is written, so the float32 -> float16 narrowing is in place too
-            om = row0 + region_meta_byte(oo, NW, okb, ovb, HKV, D)
-            nm = row0 + region_meta_byte(no, NW, nkb, nvb, HKV, D)
-            PART: tl.constexpr = HKV * NW * G
-            for e0 in range(0, 4 * PART, BLOCK):
-                e = e0 + tl.arange(0, BLOCK)
-                m = e < 4 * PART
-                x = load_meta(af, ah, om, e, m, ohalf, HM)
-                part = e // PART
-                x = tl.where(part == 0, ers_scale(x, okb, nkb), x)
-                x = tl.where(part == 2, ers_scale(x, ovb, nvb), x)
+        ROWS: tl.constexpr = HKV * NW
+        PARTS: tl.constexpr = (ROWS + ITEM_ROWS - 1) // ITEM_ROWS
+        nch = nc.to(tl.int64)
+        t = tl.atomic_add(ticket, 1).to(tl.int64)
+        go = t >= 0
+        while go:
+            # the wave that holds item t: ``base`` items before it, chunks [lo, hi)
+            lo = nch * 0
+            base = t * 0
+            hi, whole = _wave_end(lo, nch, ocb, ncb)
+            n = tl.where(whole, 1, (hi - lo) * PARTS)
+            while (lo < nch) & (t >= base + n):
+                base += n
+                lo = hi
+                hi, whole = _wave_end(lo, nch, ocb, ncb)
+                n = tl.where(whole, 1, (hi - lo) * PARTS)
+            go = lo < nch
+            if go:
+                # poll with plain (volatile) loads, then one acquiring read
+                d = tl.load(done, volatile=True)
+                while d.to(tl.int64) < base:
+                    d = tl.load(done, volatile=True)
+                tl.atomic_add(done, 0, sem="acquire")
+                k = t - base
+                if REVERSE:
+                    k = n - 1 - k
+                c = lo + k // PARTS
+                if whole:
+                    _shrink_chunk(
+                        a8, a16, a32, af, ah, row0, c, okb, ovb, nkb, nvb, ocb, ncb, ohalf, nhalf,
+                        HKV, D, G, NW, BODY_OFF, HM, R, BLOCK,
+                    )  # fmt: skip
+                else:
+                    _shrink_item(
+                        a8, a16, a32, af, ah, row0, c, (k % PARTS) * ITEM_ROWS, okb, ovb, nkb, nvb, ocb, ncb,
+                        ohalf, nhalf, HKV, D, G, NW, BODY_OFF, HM, ITEM_ROWS,
+                    )  # fmt: skip
                 tl.debug_barrier()
-                store_meta(af, ah, nm, e, x, m, nhalf, HM)
-                tl.debug_barrier()
+                tl.atomic_add(done, 1, sem="release")
+                t = tl.atomic_add(ticket, 1).to(tl.int64)
 
 
 @triton.jit
@@ -522,10 +633,11 @@ def _views(arena: torch.Tensor) -> tuple[torch.Tensor, ...]:
     )
 
 
-def _run_plan(state, table, lay: ArenaLayout, t: int, force: tuple[int, int] | None) -> torch.Tensor:
-    plan = torch.empty(PLAN_SIZE, dtype=torch.int32, device=state.device)
+def _run_plan(state, table, lay: ArenaLayout, t: int, force: tuple[int, int] | None, nb: int) -> torch.Tensor:
+    """The step's plan (``PLAN_SIZE`` fields, then the shrink's two counters per batch row, zeroed)."""
+    plan = torch.empty(PLAN_SIZE + 2 * nb, dtype=torch.int32, device=state.device)
     _plan_kernel[(1,)](
-        state, table, plan, t,
+        state, table, plan, t, nb,
         force[0] if force else 0, force[1] if force else 0, FORCE=force is not None,
         HKV=lay.num_kv_heads, D=lay.head_dim, G=lay.groups, N_SINK=lay.n_sink, NW=lay.n_window,
         FK=lay.key_bits, FV=lay.value_bits, BODY_OFF=lay.body_offset, BODY_CAP=lay.body_capacity,
@@ -534,32 +646,39 @@ def _run_plan(state, table, lay: ArenaLayout, t: int, force: tuple[int, int] | N
     return plan
 
 
-def _shrink_cfg() -> tuple[int, int]:
-    """``PMKVQ_SHRINK_CFG="R,num_warps"``, a sweep knob (default 32, 4): rows of codes per step (each step is
-    read whole before it is written, so any R keeps the in-place compaction safe) and warps of the one
-    program per batch row. Checked before anything is launched."""
+def _shrink_cfg(device: torch.device, batch: int) -> tuple[int, int, int, int]:
+    """``PMKVQ_SHRINK_CFG="R,num_warps[,programs[,item_rows]]"``, a sweep knob: rows of codes per step (each
+    step is read whole before it is written), warps per program, programs per batch row and rows per work
+    item (:func:`_shrink_kernel`). Defaults: 32 rows, 4 warps, 64-row items and, on CUDA, programs for four
+    per SM over the batch (at most 128 per row; 2 elsewhere). Checked before anything is launched."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        progs = max(1, min(128, -(-4 * sms // batch)))
+    else:
+        progs = 2
     raw = os.environ.get("PMKVQ_SHRINK_CFG", "")
-    if not raw:
-        return 32, 4
-    parts = [x.strip() for x in raw.split(",")]
-    r, warps = (
-        (int(parts[0]), int(parts[1])) if len(parts) == 2 and all(x.isdigit() for x in parts) else (0, 0)
-    )
-    if r < 16 or r & (r - 1) or warps not in (1, 2, 4, 8, 16):
+    parts = [x.strip() for x in raw.split(",")] if raw else []
+    vals = [int(x) for x in parts] if 2 <= len(parts) <= 4 and all(x.isdigit() for x in parts) else []
+    r, warps, progs, item = vals + [32, 4, progs, 64][len(vals) :] if vals or not raw else (0, 0, 0, 0)
+    pow2 = all(x >= 1 and x & (x - 1) == 0 for x in (r, item))
+    if not pow2 or r < 16 or warps not in (1, 2, 4, 8, 16) or not 1 <= progs <= 1024:
         raise ValueError(
-            f"PMKVQ_SHRINK_CFG must be 'R,num_warps' with R a power of two >= 16 and num_warps in 1, 2, 4, 8, "
-            f"16, got {raw!r}"
+            "PMKVQ_SHRINK_CFG must be 'R,num_warps[,programs[,item_rows]]' with R a power of two >= 16, "
+            f"num_warps in 1, 2, 4, 8, 16, programs in 1..1024 and item_rows a power of two, got {raw!r}"
         )
-    return r, warps
+    return r, warps, progs, item
 
 
-def _run_shrink(arena, plan, lay: ArenaLayout, cfg: tuple[int, int]) -> None:
+_SHRINK_REVERSE = False  # test hook: each shrink wave's items last first (_shrink_kernel)
+
+
+def _run_shrink(arena, plan, lay: ArenaLayout, cfg: tuple[int, int, int, int]) -> None:
     a8, a16, a32, af, ah = _views(arena)
-    r, warps = cfg
-    _shrink_kernel[(arena.shape[0],)](
+    r, warps, progs, item = cfg
+    _shrink_kernel[(arena.shape[0], progs)](
         a8, a16, a32, af, ah, plan, arena.shape[1],
         HKV=lay.num_kv_heads, D=lay.head_dim, G=lay.groups, NW=lay.n_window, BODY_OFF=lay.body_offset,
-        HM=lay.scale_bytes == 2, R=r, BLOCK=1024, num_warps=warps,
+        HM=lay.scale_bytes == 2, R=r, ITEM_ROWS=item, BLOCK=1024, REVERSE=_SHRINK_REVERSE, num_warps=warps,
     )  # fmt: skip
 
 
@@ -588,8 +707,8 @@ def append(
     key, value = key.contiguous(), value.contiguous()
     has_ks = key_scale is not None
     ks = key_scale.to(device=key.device, dtype=torch.float32).contiguous() if has_ks else key
-    cfg = _shrink_cfg()
-    plan = _run_plan(state, table, lay, t, None)
+    cfg = _shrink_cfg(arena.device, arena.shape[0])
+    plan = _run_plan(state, table, lay, t, None, arena.shape[0])
     _run_shrink(arena, plan, lay, cfg)
     a8, a16, a32, af, ah = _views(arena)
     block_t = 16
@@ -615,6 +734,6 @@ def requantize_body_launch(
     check_layout_tensors(lay, arena, state, table)
     if not lay.triton_supported():
         raise ValueError(f"the Triton kernels need a power-of-two head_dim >= 64, got {lay}")
-    cfg = _shrink_cfg()
-    plan = _run_plan(state, table, lay, 0, (key_bits, value_bits))
+    cfg = _shrink_cfg(arena.device, arena.shape[0])
+    plan = _run_plan(state, table, lay, 0, (key_bits, value_bits), arena.shape[0])
     _run_shrink(arena, plan, lay, cfg)

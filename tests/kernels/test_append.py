@@ -100,20 +100,33 @@ def test_requantize_body_bit_exact(target, scale_dtype) -> None:
     assert torch.equal(got[0], kq) and torch.equal(got[1], want)
 
 
-@pytest.mark.parametrize("cfg", ["16,1", "64,8"])
-def test_requantize_body_shrink_step_sizes(cfg, monkeypatch) -> None:
-    """``PMKVQ_SHRINK_CFG`` (a sweep knob: rows per step, warps) changes how the in-place compaction is cut
-    into steps, not its result: bit-exact with the reference at steps smaller and larger than the default;
-    a bad value is refused by name before the cache is touched."""
+@pytest.mark.parametrize(
+    "cfg,reverse", [("16,1", False), ("64,8", True), ("16,1,3,4", True), ("32,4,5,8", False)]
+)
+def test_requantize_body_shrink_step_sizes(cfg, reverse, monkeypatch) -> None:
+    """``PMKVQ_SHRINK_CFG`` (a sweep knob: rows per step, warps, programs per row, rows per work item) changes
+    how the in-place compaction is cut into steps and shared, not its result: bit-exact with the reference on
+    a 27-chunk body (9 waves at 4 -> 2 bits: the first two chunks alone, then up to 8 at once), with items of
+    a whole chunk (10 rows) and of 4 or 8 rows (a short last part). With ``reverse`` each wave's items run
+    last first, where a wave wider than the space already read would overwrite a chunk before it is read (the
+    interpreter runs programs one after another, so only the order of items can be adversarial). A bad value
+    is refused by name before the cache is touched."""
     lay = small_layout(bits=4, value_bits=4, max_len=150)
-    arena, state, table = filled_cache(lay, 2, [22])
+    arena, state, table = filled_cache(lay, 2, [140])
+    assert state[2:5].tolist() == [27, 4, 4]
     a2, s2, t2 = arena.clone(), state.clone(), table.clone()
     ref.requantize_body(arena, state, table, 4, 2, lay.to_list())
     monkeypatch.setenv("PMKVQ_SHRINK_CFG", cfg)
+    monkeypatch.setattr(kernel, "_SHRINK_REVERSE", reverse)
     kernel.requantize_body_launch(a2, s2, t2, 4, 2, lay.to_list())
+    assert torch.equal(state, s2) and torch.equal(table, t2) and torch.equal(arena, a2)
+    ref.requantize_body(arena, state, table, 2, 2, lay.to_list())
+    kernel.requantize_body_launch(a2, s2, t2, 2, 2, lay.to_list())
     assert torch.equal(state, s2) and torch.equal(table, t2) and torch.equal(arena, a2)
     monkeypatch.setenv("PMKVQ_SHRINK_CFG", "24,4")
     before = (a2.clone(), s2.clone(), t2.clone())
-    with pytest.raises(ValueError, match=r"PMKVQ_SHRINK_CFG must be 'R,num_warps'.*got '24,4'"):
+    with pytest.raises(
+        ValueError, match=r"PMKVQ_SHRINK_CFG must be .R,num_warps\[,programs\[,item_rows\]\]..*got '24,4'"
+    ):
         kernel.requantize_body_launch(a2, s2, t2, 2, 2, lay.to_list())
     assert torch.equal(a2, before[0]) and torch.equal(s2, before[1]) and torch.equal(t2, before[2])
