@@ -293,12 +293,13 @@ def _shrink_kernel(
         nch = nc.to(tl.int64)
         t = tl.atomic_add(ticket, 1).to(tl.int64)
         go = t >= 0
+        # the wave that holds item t: ``base`` items before it, chunks [lo, hi); a program's tickets only
+        # grow, so the search goes on from the previous item's wave
+        lo = nch * 0
+        base = t * 0
+        hi, whole = _wave_end(lo, nch, ocb, ncb)
+        n = tl.where(whole, 1, (hi - lo) * PARTS)
         while go:
-            # the wave that holds item t: ``base`` items before it, chunks [lo, hi)
-            lo = nch * 0
-            base = t * 0
-            hi, whole = _wave_end(lo, nch, ocb, ncb)
-            n = tl.where(whole, 1, (hi - lo) * PARTS)
             while (lo < nch) & (t >= base + n):
                 base += n
                 lo = hi
@@ -649,7 +650,7 @@ def _run_plan(state, table, lay: ArenaLayout, t: int, force: tuple[int, int] | N
 def _shrink_cfg(device: torch.device, batch: int) -> tuple[int, int, int, int]:
     """``PMKVQ_SHRINK_CFG="R,num_warps[,programs[,item_rows]]"``, a sweep knob: rows of codes per step (each
     step is read whole before it is written), warps per program, programs per batch row and rows per work
-    item (:func:`_shrink_kernel`). Defaults: 32 rows, 4 warps, 64-row items and, on CUDA, programs for four
+    item (:func:`_shrink_kernel`). Defaults: 128 rows, 4 warps, 64-row items and, on CUDA, programs for four
     per SM over the batch (at most 128 per row; 2 elsewhere). Checked before anything is launched."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -659,7 +660,7 @@ def _shrink_cfg(device: torch.device, batch: int) -> tuple[int, int, int, int]:
     raw = os.environ.get("PMKVQ_SHRINK_CFG", "")
     parts = [x.strip() for x in raw.split(",")] if raw else []
     vals = [int(x) for x in parts] if 2 <= len(parts) <= 4 and all(x.isdigit() for x in parts) else []
-    r, warps, progs, item = vals + [32, 4, progs, 64][len(vals) :] if vals or not raw else (0, 0, 0, 0)
+    r, warps, progs, item = vals + [128, 4, progs, 64][len(vals) :] if vals or not raw else (0, 0, 0, 0)
     pow2 = all(x >= 1 and x & (x - 1) == 0 for x in (r, item))
     if not pow2 or r < 16 or warps not in (1, 2, 4, 8, 16) or not 1 <= progs <= 1024:
         raise ValueError(

@@ -100,6 +100,22 @@ def test_requantize_body_bit_exact(target, scale_dtype) -> None:
     assert torch.equal(got[0], kq) and torch.equal(got[1], want)
 
 
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
+def test_requantize_body_in_place_steps(scale_dtype, monkeypatch) -> None:
+    """The chunks that overlap their own old place move in order in steps of R rows: 48 rows per chunk in
+    steps of 16 (three per section), from 16 to 8 bits (float16 meta narrowed in place) and from 8 to 2,
+    bit-exact with the reference."""
+    lay = small_layout(bits=8, value_bits=8, n_window=24, max_len=200, scale_dtype=scale_dtype)
+    arena, state, table = filled_cache(lay, 2, [100])
+    assert state[2:5].tolist() == [4, 16, 16]
+    a2, s2, t2 = arena.clone(), state.clone(), table.clone()
+    monkeypatch.setenv("PMKVQ_SHRINK_CFG", "16,2,2,16")
+    for target in ((8, 8), (2, 2)):
+        ref.requantize_body(arena, state, table, *target, lay.to_list())
+        kernel.requantize_body_launch(a2, s2, t2, *target, lay.to_list())
+        assert torch.equal(state, s2) and torch.equal(table, t2) and torch.equal(arena, a2)
+
+
 @pytest.mark.parametrize(
     "cfg,reverse", [("16,1", False), ("64,8", True), ("16,1,3,4", True), ("32,4,5,8", False)]
 )
