@@ -7,7 +7,8 @@ case, the time of ``pmkvq::decode_attention`` (Triton), the best fp16 SDPA time 
 with ``enable_gqa=True``, and the GQA group folded into the query axis, whichever is faster), the ratio,
 and the achieved bandwidth as a fraction of a plain device-to-device copy measured in the same run.
 Also the cost of ``pmkvq::append`` of one token (amortized over a full window, flush included) and of a
-full-body ERS pass (``pmkvq::requantize_body``, 4 -> 2 bits). GPU only; run: ``python benchmarks/bench_decode_attention.py``.
+full-body ERS pass (``pmkvq::requantize_body``, 4 -> 2 bits; ``--costs-only``: only these two). GPU only;
+run: ``python benchmarks/bench_decode_attention.py``.
 """
 
 from __future__ import annotations
@@ -271,7 +272,8 @@ def main() -> None:
             times.append(start.elapsed_time(end) * 1e3)
         return statistics.median(times[1:])
 
-    # SWEEP_ERS="R,num_warps;...": the shrink kernel's knob (PMKVQ_SHRINK_CFG), timed beside the default
+    # SWEEP_ERS="R,num_warps[,programs[,item_rows]];...": the shrink kernel's knob (PMKVQ_SHRINK_CFG), timed
+    # beside the default
     for cfg in [c for c in os.environ.get("SWEEP_ERS", "").split(";") if c]:
         os.environ["PMKVQ_SHRINK_CFG"] = cfg
         print(f"sweep full-body ERS cfg {cfg}: {ers_time():.0f} us")
