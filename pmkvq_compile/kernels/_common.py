@@ -156,11 +156,9 @@ def meta_half(kb, vb, HM: tl.constexpr):
 
 @triton.jit
 def token_meta_bytes(kb, vb, HM: tl.constexpr, G: tl.constexpr):
-    """Meta bytes of one token of one head at run-time bits ``(kb, vb)``: 4 values per group, 4 or 2 bytes."""
-    mb = 16 * G + kb * 0
-    if HM:
-        mb = tl.where((kb <= 8) & (vb <= 8), 8 * G, 16 * G)
-    return mb
+    """Meta bytes of one token of one head at run-time bits ``(kb, vb)``: 4 values per group, 4 bytes each or 2
+    (:func:`meta_half`)."""
+    return tl.where(meta_half(kb, vb, HM), 8 * G, 16 * G)
 
 
 @triton.jit

@@ -163,6 +163,14 @@ def _shrink_codes(
 
 
 @triton.jit
+def _ers_meta(x, part, okb, ovb, nkb, nvb):
+    """Meta values ``x`` of parts ``part`` (0 k_scale, 1 k_zero, 2 v_scale, 3 v_zero) after ERS from
+    ``(okb, ovb)`` to ``(nkb, nvb)``: the scales grow (:func:`ers_scale`), the zeros stay."""
+    x = tl.where(part == 0, ers_scale(x, okb, nkb), x)
+    return tl.where(part == 2, ers_scale(x, ovb, nvb), x)
+
+
+@triton.jit
 def _shrink_chunk(
     a8, a16, a32, af, ah, row0, c, okb, ovb, nkb, nvb, ocb, ncb, ohalf, nhalf,
     HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, NW: tl.constexpr, BODY_OFF: tl.constexpr,
@@ -187,8 +195,7 @@ def _shrink_chunk(
         m = e < 4 * PART
         x = load_meta(af, ah, om, e, m, ohalf, HM)
         part = e // PART
-        x = tl.where(part == 0, ers_scale(x, okb, nkb), x)
-        x = tl.where(part == 2, ers_scale(x, ovb, nvb), x)
+        x = _ers_meta(x, part, okb, ovb, nkb, nvb)
         tl.debug_barrier()
         store_meta(af, ah, nm, e, x, m, nhalf, HM)
         tl.debug_barrier()
@@ -227,8 +234,7 @@ def _shrink_item(
     v0, v1, v2, v3 = ers_codes4(v0, v1, v2, v3, ovb, nvb)
     vn = no + ROWS * (D * nkb // 8)
     store_codes4(a8, a16, a32, row0 + vn + r * (D * nvb // 8), i, m, nvb, v0, v1, v2, v3)
-    x = tl.where(part == 0, ers_scale(x, okb, nkb), x)
-    x = tl.where(part == 2, ers_scale(x, ovb, nvb), x)
+    x = _ers_meta(x, part, okb, ovb, nkb, nvb)
     store_meta(af, ah, nm, e, x, mm, nhalf, HM)
 
 

@@ -131,13 +131,18 @@ class ArenaLayout:
     def groups(self) -> int:
         return self.head_dim // self.group_size
 
+    @property
+    def scale_dtype(self) -> str:
+        """The plan's ``scale_dtype`` this layout was built from: ``"float16"`` when ``scale_bytes`` is 2."""
+        return "float16" if self.scale_bytes == 2 else "float32"
+
     def meta_bytes(self, kb: int, vb: int) -> int:
         """Bytes of one stored scale or zero of a region at ``(kb, vb)``: 2 (float16) when ``scale_bytes`` is
         2 and both are at most 8 bits, else 4 (float32)."""
-        return meta_bytes(kb, vb, "float16" if self.scale_bytes == 2 else "float32")
+        return meta_bytes(kb, vb, self.scale_dtype)
 
     def meta_dtype(self, kb: int, vb: int) -> torch.dtype:
-        return meta_dtype(kb, vb, "float16" if self.scale_bytes == 2 else "float32")
+        return meta_dtype(kb, vb, self.scale_dtype)
 
     def token_bytes(self, kb: int, vb: int) -> int:
         return self.num_kv_heads * (

@@ -72,8 +72,9 @@ def bits_budget(proto: Plan, bits: float) -> int:
 
     The memory model is linear in the body bits, so this interpolates :meth:`Plan.budget_for` linearly:
     sink + full window (at their bits) + ``max_chunks`` body chunks whose codes take ``bits`` per element and
-    whose scales and zeros are counted in full (float32, or float16 at <= 8 bits with ``scale_dtype="float16"``). For a supported width ``b`` it equals the budget of
-    ``Plan.uniform(..., b)``; rounded down to whole bytes.
+    whose scales and zeros are counted in full (float32, or float16 at <= 8 bits with
+    ``scale_dtype="float16"``). For a supported width ``b`` it equals the budget of ``Plan.uniform(..., b)``;
+    rounded down to whole bytes.
     """
     if not 2 <= bits <= 16:
         raise ValueError(f"a budget of {bits} bits is outside the supported range [2, 16]")
