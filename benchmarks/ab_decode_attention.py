@@ -30,6 +30,8 @@ from bench_decode_attention import HKV, body_chunk_count, graph_ms, load_kernel_
 
 from pmkvq_compile.kernels import decode_attention as new
 
+KNOBS = ("PMKVQ_DECODE_CFG", "PMKVQ_DECODE_EDGE", "PMKVQ_DECODE_DYN", "PMKVQ_MERGE_CFG")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -61,7 +63,7 @@ def main() -> None:
     cfgs = a.cfgs.split(";")
     for name, b, chunks, scale_bytes in cases:
         lay, args = step_args(b, n, chunks, scale_bytes)
-        for knob in ("PMKVQ_DECODE_CFG", "PMKVQ_DECODE_EDGE", "PMKVQ_DECODE_DYN", "PMKVQ_MERGE_CFG"):
+        for knob in KNOBS:
             os.environ[knob] = ""
         if scale_bytes == 4 or a.old_reads_f16:
             ref = old.decode_attention(*args).float()
@@ -88,7 +90,7 @@ def main() -> None:
                 if not err < 2e-2:
                     raise AssertionError(f"{name} [{c}]: max |diff| {err} against the old kernel")
                 times[c].append(graph_ms(lambda ca=ca: new.decode_attention(*ca)) * 1e3)
-        for knob in ("PMKVQ_DECODE_CFG", "PMKVQ_DECODE_EDGE", "PMKVQ_DECODE_DYN", "PMKVQ_MERGE_CFG"):
+        for knob in KNOBS:
             os.environ[knob] = ""
         t_old2 = graph_ms(lambda args=old_args: old.decode_attention(*args)) * 1e3
         res = "; ".join(f"[{c}] " + "/".join(f"{x:.1f}" for x in v) for c, v in times.items())

@@ -158,6 +158,17 @@ def test_decode_edge_programs_first_or_last(monkeypatch) -> None:
     torch.testing.assert_close(outs[0], ref.decode_attention(*args), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("cfg", ["64,4,0", "64,4,0,0"])
+def test_decode_cfg_stages_zero_keeps_each_loops_depth(cfg, monkeypatch) -> None:
+    """``PMKVQ_DECODE_CFG`` with 0 stages sets the other knobs and keeps each body loop's own pipeline depth
+    (3 at 2-bit pairs, else 2) and 3 for the launch: the same result as the reference."""
+    args = _two_rows_4_2(seed=29, cut=9, q_seed=31)
+    monkeypatch.setenv("PMKVQ_DECODE_CFG", cfg)
+    torch.testing.assert_close(
+        kernel.decode_attention(*args), ref.decode_attention(*args), atol=2e-5, rtol=2e-5
+    )
+
+
 def test_decode_refuses_small_tiles(monkeypatch) -> None:
     """``PMKVQ_DECODE_CFG`` with a tile below 64 tokens is refused by name, before anything is launched."""
     monkeypatch.setenv("PMKVQ_DECODE_CFG", "32,4,3")
