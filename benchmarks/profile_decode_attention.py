@@ -7,6 +7,9 @@ Same geometry and cache as :mod:`bench_decode_attention` (Hq=28, Hkv=4, D=128, 3
     ncu --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \\
         -k regex:_attn_kernel --launch-skip 1 --launch-count 1 \\
         python benchmarks/profile_decode_attention.py --once --batch 8 --bits 4
+
+Per source line and instruction (PC sampling, bank conflicts, sectors): ``--section SourceCounters`` and
+``benchmarks/ncu_source_summary.py``, whose docstring has the commands.
 """
 
 from __future__ import annotations
