@@ -6,11 +6,11 @@ On the GPU machine (``profile_decode_attention.py --once`` makes two bare calls;
         --launch-skip 1 --launch-count 1 -o rep python benchmarks/profile_decode_attention.py --once --bits 2
     ncu --import rep.ncu-rep --page source --csv --print-source cuda,sass > src.csv
 
-then anywhere: ``python benchmarks/ncu_source_summary.py src.csv``. It prints the warp-stall samples by reason;
-the samples by how many times an instruction ran (a loop's instructions run once per iteration and warp, a
-program's set-up once per warp, so these classes part the tile loop from the set-up and from other programs),
-with each class's reasons and its source lines with the most samples; and the shared-memory wavefronts and
-L2 sectors above the ideal, with the instructions that cause them. Triton attributes an inlined helper's
+then anywhere: ``python benchmarks/ncu_source_summary.py src.csv``. It prints the warp-stall samples by
+reason; the samples by how many times an instruction ran (a loop's instructions run once per iteration and
+warp, a program's set-up once per warp, so these classes part the tile loop from the set-up and from other
+programs), with each class's reasons and its source lines with the most samples; and the shared-memory
+wavefronts and L2 sectors above the ideal, with the instructions that cause them. Triton attributes an inlined helper's
 instructions to the helper's line (``standard.py`` is ``tl.sum``/``tl.max``).
 """
 
@@ -76,14 +76,9 @@ def parse(path: str) -> list[Instr]:
             stalls = {
                 k: _num(r[i]) for k, i in col.items() if k.startswith("stall_") and "Not Issued" not in k
             }
-            get = {k: _num(r[col[k]]) if k in col else 0.0 for k in (SAMPLES, EXECUTED, WAVES, SECTORS)}
-            out.append(
-                Instr(
-                    where, text, r[3].strip(), get[EXECUTED], get[SAMPLES], stalls,
-                    get[WAVES], _num(r[col[WAVES_IDEAL]]) if WAVES_IDEAL in col else 0.0,
-                    get[SECTORS], _num(r[col[SECTORS_IDEAL]]) if SECTORS_IDEAL in col else 0.0,
-                )
-            )  # fmt: skip
+            names = (EXECUTED, SAMPLES, WAVES, WAVES_IDEAL, SECTORS, SECTORS_IDEAL)
+            ex, sa, wv, wi, se, si = (_num(r[col[k]]) if k in col else 0.0 for k in names)
+            out.append(Instr(where, text, r[3].strip(), ex, sa, stalls, wv, wi, se, si))
     if col is None:
         raise ValueError(
             f"{path}: no 'Line No' header; export with --page source --csv --print-source cuda,sass"

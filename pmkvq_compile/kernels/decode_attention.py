@@ -921,8 +921,9 @@ def decode_attention(
     # tuning knobs (benchmarks sweep them): "BLOCK_N,num_warps,num_stages[,maxnreg[,edge_first]]" of the
     # attention launch (maxnreg 0: no cap; num_stages given here holds for the body loops too, 0 keeps
     # each loop's own); 128-token tiles by default (measured on an H200 at B8 x 32k, 4 bits; RESULTS.md
-    # has the sweep). By default the body loops pipeline 3 tiles deep at 2-bit pairs and 2 deep at wider ones (H100, B8 x 32k,
-    # kernel-wide 2 vs 3 stages in one run: 4 bits 69.4 vs 72.0 us, 2 bits 57.3 vs 49.0 us; RESULTS.md)
+    # has the sweep). By default the body loops pipeline 3 tiles deep at 2-bit pairs and 2 deep at wider
+    # ones (H100, B8 x 32k, kernel-wide 2 vs 3 stages in one run: 4 bits 69.4 vs 72.0 us, 2 bits 57.3 vs
+    # 49.0 us; RESULTS.md)
     cfg = [int(x) for x in os.environ.get("PMKVQ_DECODE_CFG", "").split(",") if x]
     block_n, warps, stages = cfg[:3] if cfg else (128 if lay.n_window >= 128 else 64, 4, 3)
     body_stages = stages if cfg else 0  # 0: each body loop's own depth (3 at 2-bit pairs, else 2)
