@@ -10,7 +10,8 @@ cfg]]]"`` (``@0``: the defaults; ``@s11``: 11 splits in every case; the last thr
 output is checked against the old one's (max |diff| < 2e-2). ``--f16-scales`` adds the cases with float16
 scales and zeros (``scale_bytes=2``), which an old revision cannot read: those check every configuration
 against the tree's defaults and time the old kernel on the float32-scale cache of the same draw, unless
-``--old-reads-f16`` says the old revision reads them too (then they are compared as the others). Prints CUDA-graph medians in us and the fp16
+``--old-reads-f16`` says the old revision reads them too (then they are compared as the others). ``--ragged``
+adds B8 cases whose rows 1..7 stop at an eighth of the length (row 0 at all of it). Prints CUDA-graph medians in us and the fp16
 SDPA time of the same shapes. GPU only::
 
     git show <rev>:pmkvq_compile/kernels/decode_attention.py > /tmp/old_decode_attention.py
@@ -41,6 +42,9 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=32768)
     ap.add_argument("--f16-scales", action="store_true", help="also the float16-scale cases")
     ap.add_argument("--old-reads-f16", action="store_true", help="the old revision has scale_bytes too")
+    ap.add_argument(
+        "--ragged", action="store_true", help="also B8 4-bit / 2-bit with rows 1..7 at length / 8"
+    )
     a = ap.parse_args()
     old = load_kernel_copy(a.old, "_ab_old")
     n = a.length
@@ -60,9 +64,13 @@ def main() -> None:
     cases = [(*c, 4) for c in cases] + (
         [(f"{c[0]} f16s", c[1], c[2], 2) for c in cases] if a.f16_scales else []
     )
+    if a.ragged:
+        cases += [(f"B8 ragged {c[0][3:]}", 8, c[2], 4) for c in cases[:2]]
     cfgs = a.cfgs.split(";")
     for name, b, chunks, scale_bytes in cases:
         lay, args = step_args(b, n, chunks, scale_bytes)
+        if "ragged" in name:  # row 0 at the full length, the others at an eighth of it
+            args[6][1:] = n // 8
         for knob in KNOBS:
             os.environ[knob] = ""
         if scale_bytes == 4 or a.old_reads_f16:
