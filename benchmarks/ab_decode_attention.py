@@ -11,8 +11,8 @@ output is checked against the old one's (max |diff| < 2e-2). ``--f16-scales`` ad
 scales and zeros (``scale_bytes=2``), which an old revision cannot read: those check every configuration
 against the tree's defaults and time the old kernel on the float32-scale cache of the same draw, unless
 ``--old-reads-f16`` says the old revision reads them too (then they are compared as the others). ``--ragged``
-adds B8 cases whose rows 1..7 stop at an eighth of the length (row 0 at all of it). Prints CUDA-graph medians in us and the fp16
-SDPA time of the same shapes. GPU only::
+adds B8 cases whose rows 1..7 stop at an eighth of the length (row 0 at all of it). Prints CUDA-graph medians
+in us and the fp16 SDPA time of the same shapes. GPU only::
 
     git show <rev>:pmkvq_compile/kernels/decode_attention.py > /tmp/old_decode_attention.py
     python benchmarks/ab_decode_attention.py --old /tmp/old_decode_attention.py --cfgs "@0;128,4,2,168@3"
@@ -61,16 +61,16 @@ def main() -> None:
         ("B8 mixed", 8, [(4, 4)] * (nc // 2) + [(2, 2)] * (nc - nc // 2)),
         ("B1 4-bit", 1, [(4, 4)] * nc),
     ]
-    cases = [(*c, 4) for c in cases] + (
-        [(f"{c[0]} f16s", c[1], c[2], 2) for c in cases] if a.f16_scales else []
+    # (name, batch, chunk bits, scale bytes, length of rows 1.. (row 0 is at n))
+    cases = [(*c, 4, n) for c in cases] + (
+        [(f"{c[0]} f16s", c[1], c[2], 2, n) for c in cases] if a.f16_scales else []
     )
     if a.ragged:
-        cases += [(f"B8 ragged {c[0][3:]}", 8, c[2], 4) for c in cases[:2]]
+        cases += [(f"B8 ragged {c[0][3:]}", 8, c[2], 4, n // 8) for c in cases[:2]]
     cfgs = a.cfgs.split(";")
-    for name, b, chunks, scale_bytes in cases:
+    for name, b, chunks, scale_bytes, rest in cases:
         lay, args = step_args(b, n, chunks, scale_bytes)
-        if "ragged" in name:  # row 0 at the full length, the others at an eighth of it
-            args[6][1:] = n // 8
+        args[6][1:] = rest
         for knob in KNOBS:
             os.environ[knob] = ""
         if scale_bytes == 4 or a.old_reads_f16:
@@ -79,6 +79,7 @@ def main() -> None:
         else:
             ref = new.decode_attention(*args).float()
             _, old_args = step_args(b, n, chunks)
+            old_args[6][1:] = rest
         t_old = graph_ms(lambda args=old_args: old.decode_attention(*args)) * 1e3
         times: dict[str, list[float]] = {c: [] for c in cfgs}
         for _ in range(a.rounds):
