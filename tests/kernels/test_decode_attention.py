@@ -8,7 +8,7 @@ import torch
 from pmkvq_compile.kernels import decode_attention as kernel
 from pmkvq_compile.kernels import reference as ref
 
-from .helpers import DEVICE, filled_cache, make_mixed, small_layout
+from .helpers import DEVICE, empty_cache, filled_cache, make_mixed, small_layout
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -298,4 +298,39 @@ def test_decode_float16_scales(kw, mixed, native, monkeypatch) -> None:
     args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), lay.head_dim**-0.5)
     want = ref.decode_attention(*args, 2)
     got = kernel.decode_attention(*args, 2)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")  # the interpreter's
+@pytest.mark.parametrize("dtype,boost", [(torch.float32, 24.0), (torch.float16, 4.0)])
+@pytest.mark.parametrize("splits", [1, 2])
+def test_decode_score_far_above_the_first_tile(dtype, boost, splits, monkeypatch) -> None:
+    """The body loop softmaxes against the max of its span's first tile and rescales nowhere else: a later
+    token whose score is far above it overflows ``p`` (float32 tiles, float32 queries: 2^128) or ``p * s_v``
+    (float16 tiles: 65504), and the span is taken again with the exact running max. Here one body token's
+    key is ``boost`` times the shared query of its head, a score about ``11.5 boost`` (log2 units) above the
+    others; float16 queries run float16 tiles (under the interpreter too, here)."""
+    monkeypatch.setenv("PMKVQ_INTERPRET_NATIVE_DT", "1")
+    lay = small_layout(bits=4, value_bits=4, max_len=60, group=64)
+    g = torch.Generator().manual_seed(71)
+    b, hkv, d = 2, lay.num_kv_heads, lay.head_dim
+    u = torch.randn(b, hkv, d, generator=g)
+    q = u.repeat_interleave(3, dim=1).to(DEVICE, dtype)  # the three query heads of a KV head share it
+    k = torch.randn(b, hkv, 40, d, generator=g)
+    v = torch.randn(b, hkv, 40, d, generator=g)
+    far = lay.n_sink + 3 * lay.n_window + 2  # in the fourth body chunk (chunks hold n_window tokens)
+    k[:, :, far] = boost * u
+    arena, state, table = empty_cache(lay, b)
+    ref.append(arena, state, table, k.to(DEVICE), v.to(DEVICE), None, lay.to_list())
+    nc = int(state[2])
+    assert nc > 4 and all(max(r[1:]) <= 8 for r in table[:nc].tolist()), table[:nc].tolist()
+    n = int(state[0])
+    lengths = torch.tensor([n, n - 3], dtype=torch.int32, device=DEVICE)
+    kn = torch.randn(b, hkv, 1, d, generator=g).to(DEVICE)
+    vn = torch.randn(b, hkv, 1, d, generator=g).to(DEVICE)
+    args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), 0.125)
+    want = ref.decode_attention(*args, splits)
+    assert (want - v[:, :, far].to(DEVICE).repeat_interleave(3, dim=1)).abs().max() < 0.3  # it dominates
+    got = kernel.decode_attention(*args, splits)
+    assert torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
