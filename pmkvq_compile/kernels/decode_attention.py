@@ -10,7 +10,9 @@ state, so a step can be captured in a CUDA graph:
   unpacked in registers from packed words that the pipeliner streams into shared memory: each code is
   masked where it lies in its byte, two per ``lop3``, with one shift per word for the upper bytes, and the
   place factors ride on the queries and the accumulator rows; the GQA group's query heads (padded to 8) are
-  the columns, so K/V codes are read once per group. The affine form keeps the codes exact in float16.
+  the columns, so K/V codes are read once per group. The affine form keeps the codes exact in float16. The
+  softmax runs against each span's first-tile max (no cross-warp max on later tiles); a span whose later
+  scores overflow it is read again with the exact running max.
   Programs beside them run :func:`_edge_part`: the sink, the window (sliced over the programs) and any
   chunk the pairs do not take (16-bit chunks, pairs outside the schedule, several groups per head),
   dequantized per element.
