@@ -368,15 +368,22 @@ def _tile_loop(
     l_i += tl.sum(lt, axis=0)
     z = tl.sum(zt, axis=0)[None, :]
     sv = tl.sum(st, axis=0)[None, :]
-    # an overflow (p or p * s_v past float16's range) leaves an infinite or NaN sum; scores after a first
-    # tile without any (m_i still -inf: not for the spans the caller makes) were taken against 0
+    out = (acc - OFS * sv) * rs - z
+    # an overflow (p or p * s_v past float16's range, or with float32 tiles the accumulator's code-unit
+    # products or p * z_v) leaves an infinite or NaN sum; a score more than 64 above the reference (l > 2^64)
+    # is taken again too, before it overflows a sum here or in the merge; scores after a first tile without
+    # any (m_i still -inf: not for the spans the caller makes) were taken against 0. A 0/1 flag
     bad = tl.max(
-        ((l_i - l_i) != 0).to(tl.int32)
-        + (tl.sum(sv - sv, axis=0) != 0).to(tl.int32)
-        + ((m_i == float("-inf")) & (l_i != 0)).to(tl.int32),
+        (
+            ((l_i - l_i) != 0)
+            | (l_i > 18446744073709551616.0)
+            | (tl.sum(sv - sv, axis=0) != 0)
+            | (tl.sum(out - out, axis=0) != 0)
+            | ((m_i == float("-inf")) & (l_i != 0))
+        ).to(tl.int32),
         axis=0,
     )
-    return m_i, l_i, (acc - OFS * sv) * rs - z, bad
+    return m_i, l_i, out, bad
 
 
 @triton.jit
@@ -516,7 +523,7 @@ def _body_part(
                     length, h, exact, KB, VB, NW, HKV, D, HAS_KS, BLOCK_N, CT, PREC, ASM,
                     STAGES if STAGES > 0 else (3 if KB + VB <= 4 else 2), HM,
                 )  # fmt: skip
-                if bad > exact:
+                if (bad != 0) & (exact == 0):
                     # a score far above the span's first tile: the span again, with the exact running max
                     c_next = c
                     exact = 1

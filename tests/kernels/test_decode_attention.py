@@ -302,7 +302,7 @@ def test_decode_float16_scales(kw, mixed, native, monkeypatch) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")  # the interpreter's
-@pytest.mark.parametrize("dtype,boost", [(torch.float32, 24.0), (torch.float16, 4.0)])
+@pytest.mark.parametrize("dtype,boost", [(torch.float32, 24.0), (torch.float32, 9.0), (torch.float16, 4.0)])
 @pytest.mark.parametrize("splits", [1, 2])
 def test_decode_score_far_above_the_first_tile(dtype, boost, splits, monkeypatch) -> None:
     """The body loop softmaxes against the max of its span's first tile and rescales nowhere else: a later
@@ -334,3 +334,21 @@ def test_decode_score_far_above_the_first_tile(dtype, boost, splits, monkeypatch
     got = kernel.decode_attention(*args, splits)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_nan_query_terminates(dtype, monkeypatch) -> None:
+    """A non-finite query makes every pass of a span non-finite, the exact one too: it is taken once more at
+    most (NaN out for that head, as before the reference max), never again and again."""
+    monkeypatch.setenv("PMKVQ_INTERPRET_NATIVE_DT", "1")
+    lay = small_layout(bits=4, value_bits=4, max_len=60, group=64)
+    arena, state, table = filled_cache(lay, 1, [40])
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 3 * lay.num_kv_heads, lay.head_dim, generator=g)
+    q[0, 0, 0] = float("nan")
+    kn = torch.randn(1, lay.num_kv_heads, 1, lay.head_dim, generator=g).to(DEVICE)
+    lengths = torch.tensor([int(state[0])], dtype=torch.int32, device=DEVICE)
+    args = (q.to(DEVICE, dtype), kn, kn.clone(), arena, state, table, lengths, None, lay.to_list(), 0.125)
+    got = kernel.decode_attention(*args, 1)
+    assert torch.isnan(got[0, 0]).all() and torch.isfinite(got[0, 1:]).all()
