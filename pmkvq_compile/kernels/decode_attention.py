@@ -251,9 +251,9 @@ def _tile_loop(
     operand, unpacked two tokens at a time (:func:`_vcodes`), so the accumulator ``acc`` ``[D, M]`` is
     transposed and its rows permuted (:func:`_vperm_dims`). The affine form keeps the codes exact:
     ``q . k_hat = s_k (q . c) - z_k sum(q)`` and ``sum_n p_n v_hat_n = (p s_v) @ c - sum_n p_n z_v``. The
-    dots run in ``CT`` (float16 on the GPU, for every query dtype: bfloat16 queries are scaled by a power of
-    two into float16's range first; float32 under the interpreter). Row sums are kept per tile element and
-    reduced once at the end.
+    dots run in ``CT``: float16 on the GPU for float16 and bfloat16 queries (bfloat16 queries are scaled by a
+    power of two into float16's range first); float32 for float32 queries and under the interpreter (unless
+    ``PMKVQ_INTERPRET_NATIVE_DT``). Row sums are kept per tile element and reduced once at the end.
 
     The softmax runs against a reference max taken on the span's first tile (folded with the incoming
     ``m_i``), not a running one: the other tiles need no cross-warp max and rescale nothing (offline SASS,
