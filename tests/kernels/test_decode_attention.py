@@ -302,16 +302,26 @@ def test_decode_float16_scales(kw, mixed, native, monkeypatch) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")  # the interpreter's
-@pytest.mark.parametrize("dtype,boost", [(torch.float32, 24.0), (torch.float32, 9.0), (torch.float16, 4.0)])
+@pytest.mark.parametrize(
+    "dtype,boost,value_bits,scale_dtype",
+    [
+        (torch.float32, 24.0, 4, "float32"),
+        (torch.float32, 9.0, 4, "float32"),
+        (torch.float16, 4.0, 4, "float32"),
+        (torch.float16, 4.0, 2, "float16"),  # p meets the float16 value scale in a half multiply
+    ],
+)
 @pytest.mark.parametrize("splits", [1, 2])
-def test_decode_score_far_above_the_first_tile(dtype, boost, splits, monkeypatch) -> None:
+def test_decode_score_far_above_the_first_tile(
+    dtype, boost, value_bits, scale_dtype, splits, monkeypatch
+) -> None:
     """The body loop softmaxes against the max of its span's first tile and rescales nowhere else: a later
     token whose score is far above it overflows ``p`` (float32 tiles, float32 queries: 2^128) or ``p * s_v``
     (float16 tiles: 65504), and the span is taken again with the exact running max. Here one body token's
     key is ``boost`` times the shared query of its head, a score about ``11.5 boost`` (log2 units) above the
     others; float16 queries run float16 tiles (under the interpreter too, here)."""
     monkeypatch.setenv("PMKVQ_INTERPRET_NATIVE_DT", "1")
-    lay = small_layout(bits=4, value_bits=4, max_len=60, group=64)
+    lay = small_layout(bits=4, value_bits=value_bits, max_len=60, group=64, scale_dtype=scale_dtype)
     g = torch.Generator().manual_seed(71)
     b, hkv, d = 2, lay.num_kv_heads, lay.head_dim
     u = torch.randn(b, hkv, d, generator=g)
@@ -330,7 +340,8 @@ def test_decode_score_far_above_the_first_tile(dtype, boost, splits, monkeypatch
     vn = torch.randn(b, hkv, 1, d, generator=g).to(DEVICE)
     args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), 0.125)
     want = ref.decode_attention(*args, splits)
-    assert (want - v[:, :, far].to(DEVICE).repeat_interleave(3, dim=1)).abs().max() < 0.3  # it dominates
+    dominated = (want - v[:, :, far].to(DEVICE).repeat_interleave(3, dim=1)).abs().max()
+    assert dominated < (0.3 if value_bits == 4 else 1.2)  # the far token's value, up to its quantization
     got = kernel.decode_attention(*args, splits)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
