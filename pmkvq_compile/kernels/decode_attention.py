@@ -257,11 +257,12 @@ def _tile_loop(
 
     The softmax runs against a reference max taken on the span's first tile (folded with the incoming
     ``m_i``), not a running one: the other tiles need no cross-warp max and rescale nothing (offline SASS,
-    triton 3.6: 459 instead of 556 instructions per 2-bit tile and warp on the path they take). A later
-    score far above the reference overflows ``p`` or the float16 ``p * s_v``, which leaves a sum infinite
-    or NaN: the returned ``bad`` (int32 scalar, nonzero then) asks the caller for the span again with
-    ``exact`` = 1, which raises the max on every tile (the classic online softmax). The four per-token
-    scales come in one load (the pipeliner streams only loads
+    triton 3.6: 462 instead of 556 instructions per 2-bit tile and warp on the path they take). A later
+    score far above the reference overflows ``p``, the float16 ``p * s_v`` or (float32 tiles) the
+    accumulator, which leaves a sum infinite or NaN; ``l`` past 2^64 counts as such too. The returned
+    ``bad`` (int32 scalar, 0 or 1) then asks the caller for the span again with ``exact`` = 1, which raises
+    the max on every tile (the classic online softmax). The four per-token scales come in one load (the
+    pipeliner streams only loads
     that reach a dot); where tiles divide regions the loads are unmasked and only the math is."""
     TPC: tl.constexpr = (CAP + BLOCK_N - 1) // BLOCK_N
     KBY: tl.constexpr = D * KB // 8
