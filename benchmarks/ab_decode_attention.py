@@ -11,7 +11,8 @@ output is checked against the old one's (max |diff| < 2e-2). ``--f16-scales`` ad
 scales and zeros (``scale_bytes=2``), which an old revision cannot read: those check every configuration
 against the tree's defaults and time the old kernel on the float32-scale cache of the same draw, unless
 ``--old-reads-f16`` says the old revision reads them too (then they are compared as the others). ``--ragged``
-adds B8 cases whose rows 1..7 stop at an eighth of the length (row 0 at all of it). Prints CUDA-graph medians
+adds B8 cases whose rows 1..7 stop at an eighth of the length (row 0 at all of it); ``--q-float32`` gives
+every case float32 queries and new tokens. Prints CUDA-graph medians
 in us and the fp16 SDPA time of the same shapes. GPU only::
 
     git show <rev>:pmkvq_compile/kernels/decode_attention.py > /tmp/old_decode_attention.py
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument(
         "--ragged", action="store_true", help="also B8 4-bit / 2-bit with rows 1..7 at length / 8"
     )
+    ap.add_argument("--q-float32", action="store_true", help="float32 queries (and new tokens) in every case")
     a = ap.parse_args()
     old = load_kernel_copy(a.old, "_ab_old")
     n = a.length
@@ -71,6 +73,8 @@ def main() -> None:
     for name, b, chunks, scale_bytes, rest in cases:
         lay, args = step_args(b, n, chunks, scale_bytes)
         args[6][1:] = rest
+        if a.q_float32:
+            args = (args[0].float(), args[1].float(), args[2].float(), *args[3:])
         for knob in KNOBS:
             os.environ[knob] = ""
         if scale_bytes == 4 or a.old_reads_f16:
@@ -80,6 +84,8 @@ def main() -> None:
             ref = new.decode_attention(*args).float()
             _, old_args = step_args(b, n, chunks)
             old_args[6][1:] = rest
+            if a.q_float32:
+                old_args = (old_args[0].float(), old_args[1].float(), old_args[2].float(), *old_args[3:])
         t_old = graph_ms(lambda args=old_args: old.decode_attention(*args)) * 1e3
         times: dict[str, list[float]] = {c: [] for c in cfgs}
         for _ in range(a.rounds):

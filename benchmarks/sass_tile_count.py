@@ -27,18 +27,32 @@ from triton.compiler import ASTSource
 from pmkvq_compile.kernels import decode_attention as dk
 
 
-def compile_attn(pairs, block_n, warps, stages, maxnreg, block_m, d=128, hq=28, hkv=4, half_scales=False):
+def compile_attn(
+    pairs,
+    block_n,
+    warps,
+    stages,
+    maxnreg,
+    block_m,
+    d=128,
+    hq=28,
+    hkv=4,
+    half_scales=False,
+    q32=False,
+    ct32=False,
+):
     code = sum(
         ((kb.bit_length() - 2) * 4 + vb.bit_length() - 2) << (4 * k) for k, (kb, vb) in enumerate(pairs)
     )
-    sig = {"q_ptr": "*fp16", "a8": "*u8", "a16": "*i16", "a32": "*i32", "af": "*fp32", "ah": "*fp16", "table": "*i32",
+    sig = {"q_ptr": "*fp32" if q32 else "*fp16", "a8": "*u8", "a16": "*i16", "a32": "*i32", "af": "*fp32", "ah": "*fp16", "table": "*i32",
            "state": "*i32", "lengths": "*i32", "ks_ptr": "*fp16", "part_acc": "*fp32", "part_ml": "*fp32",
            "ROW_BYTES": "i32", "qk_scale": "fp32"}  # fmt: skip
     const = dict(
         HQ=hq, HKV=hkv, D=d, GS=d, G=1, N_SINK=1, NW=128, SB=16, WB=16, WIN_OFF=2112, NUM_SPLITS=12,
         EDGE_SPLITS=8, SLOTS=12 + 8, TB=512, MAXC=300, RUNB=64, WPER=16, PAIRS=code, NP=len(pairs),
         FAST_MASK=sum(dk._pair_bit(*p) for p in pairs), HAS_KS=False, BLOCK_M=block_m, BLOCK_N=block_n,
-        EBLOCK_N=16, CT=tl.float16, DT=tl.float16, PREC="tf32", ASM=True, EDGE_FIRST=False, BODY_STAGES=0,
+        EBLOCK_N=16, CT=tl.float32 if ct32 else tl.float16, DT=tl.float32 if q32 else tl.float16,
+        PREC="ieee" if q32 else "tf32", ASM=True, EDGE_FIRST=False, BODY_STAGES=0,
         HM=half_scales,
     )  # fmt: skip
     const = {n: v for n, v in const.items() if n in dk._attn_kernel.arg_names}  # older revisions lack some
@@ -81,12 +95,19 @@ def main() -> None:
     ap.add_argument("--hq", type=int, default=28)
     ap.add_argument("--hkv", type=int, default=4)
     ap.add_argument("--half-scales", action="store_true", help="float16 scales and zeros (scale_dtype)")
+    ap.add_argument(
+        "--q-float32", action="store_true", help="float32 queries (float16 tiles, split products)"
+    )
+    ap.add_argument(
+        "--ct-float32", action="store_true", help="float32 tiles (the launch before float32 queries split)"
+    )
     ap.add_argument("--dump", help="write the tile loop's SASS to this file")
     a = ap.parse_args()
     pairs = [tuple(int(x) for x in p.split(",")) for p in a.pairs.split(";")]
     c = compile_attn(
-        pairs, a.block_n, a.warps, a.stages, a.maxnreg, a.block_m, a.head_dim, a.hq, a.hkv, a.half_scales
-    )
+        pairs, a.block_n, a.warps, a.stages, a.maxnreg, a.block_m, a.head_dim, a.hq, a.hkv, a.half_scales,
+        a.q_float32, a.ct_float32,
+    )  # fmt: skip
     nv = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")

@@ -282,15 +282,36 @@ def _tile_loop(
     q = tl.load(qp, mask=rmask[:, None], other=0.0).to(tl.float32) * qk_scale
     if HAS_KS:
         q = q * tl.load(ks_ptr + h * (D // 2) + dk % (D // 2))[None, :]
-    OFS: tl.constexpr = 1024.0 if CT == tl.float16 else 0.0  # noqa: SIM300
+    # float32 queries with float16 tiles (the GPU): every product is taken twice, with a float16 high part
+    # and the float16-rounded rest scaled by a power of two, so the operands keep about 22 bits; the codes
+    # then lose their +1024 (below), so no large offset is cancelled in the float32 sums
+    QS: tl.constexpr = (CT == tl.float16) and (q_ptr.dtype.element_ty == tl.float32)  # noqa: SIM300
+    OFS: tl.constexpr = 1024.0 if (CT == tl.float16) and not QS else 0.0  # noqa: SIM300
     qscale = 1.0
     if CT == tl.float16:  # noqa: SIM300
         qmax = tl.max(tl.max(tl.abs(q), 1), 0)
         qscale = tl.math.exp2(tl.maximum(tl.ceil(tl.math.log2(tl.maximum(qmax, 1e-30))) - 14.0, 0.0))
-    q = (q / qscale).to(CT).to(tl.float32)
-    qsum = tl.sum(q, axis=1)
     # the key codes come scaled by 2^(KB j) (_pairs); the queries take the inverse, a power of two (exact)
-    q = (q * _code_scale((tl.arange(0, D) // (D * KB // 16)), KB)[None, :]).to(CT)
+    pf = _code_scale((tl.arange(0, D) // (D * KB // 16)), KB)[None, :]
+    if QS:
+        q = q / qscale
+        qsum = tl.sum(q, axis=1)
+        qh = (q * pf).to(CT)
+        ql = q * pf - qh.to(tl.float32)
+        # the rest's scale: its largest element near 2^14 (a power of two, so undoing it is exact)
+        lmax = tl.max(tl.max(tl.abs(ql), 1), 0)
+        lexp = 14.0 - tl.ceil(tl.math.log2(tl.maximum(lmax, 1e-30)))
+        lscale = tl.math.exp2(lexp)
+        linv = tl.math.exp2(-lexp)
+        qlt = tl.trans((ql * lscale).to(CT))
+        q = qh
+    else:
+        q = (q / qscale).to(CT).to(tl.float32)
+        qsum = tl.sum(q, axis=1)
+        q = (q * pf).to(CT)
+        qlt = tl.trans(q)  # unused
+        lscale = 1.0
+        linv = 1.0
     qt = tl.trans(q)
     # float16 codes carry +1024 (see _codes): q . (c + 1024) = q . c + 1024 sum(q), subtracted by starting
     # the scores' accumulator there; float32 ones (the interpreter) carry no offset
@@ -311,7 +332,7 @@ def _tile_loop(
     # float16 value scales (HM) stay float16 at 2-bit values, where they meet p in a packed half multiply (no
     # conversion: the loop is bound by issue there; at wider values the float32 product measured faster,
     # H100, B8 x 32k: 2 bits 47.7 -> 46.1 us, 4 bits 64.7 -> 65.0)
-    HALF_PV: tl.constexpr = HM and VB == 2
+    HALF_PV: tl.constexpr = HM and VB == 2 and not QS
     m_ref = tl.zeros_like(m_i)  # the max p is taken against: m_i, or 0 while that is -inf
     for t in tl.range(c_begin * TPC, c_end * TPC, num_stages=STAGES):
         ci = t // TPC
@@ -342,7 +363,11 @@ def _tile_loop(
         vz = tl.where(nm, vz.to(tl.float32), 0.0)[:, None]
         kw = tl.load(a32r + off // 4 + (r * KW)[:, None] + ik[None, :], mask=lm)
         vu = tl.load(a16r + (off + VOFF) // 2 + (r * VU)[:, None] + iv[None, :], mask=lm)
-        s = tl.dot(_codes(kw, KB, CT, ASM), qt, acc=s0, input_precision=PREC)
+        if QS:
+            kc = _codes(kw, KB, CT, ASM) - 1024.0
+            s = tl.dot(kc, qlt, acc=tl.dot(kc, qt, acc=s0) * lscale) * linv
+        else:
+            s = tl.dot(_codes(kw, KB, CT, ASM), qt, acc=s0, input_precision=PREC)
         s = tl.where(nm[:, None], s * (ks * qscale) - (kz * qscale) * qsum[None, :], float("-inf"))
         # the reference max: raised on the span's first tile only (every tile when ``exact``), so the other
         # tiles need no cross-warp max and no rescaling; a later score far above it overflows p or p * s_v,
@@ -357,15 +382,24 @@ def _tile_loop(
             m_i = m_new
         p = tl.math.exp2(s - m_ref[None, :])
         lt = lt + p
-        if HALF_PV:
-            pv = p.to(CT) * vs.to(CT)
+        if QS:
+            # p s_v as a float16 high part and the rest times 2^11 (exact scalings of the accumulator)
+            pf32 = p * vs.to(tl.float32)
+            pv = pf32.to(CT)
+            pl = ((pf32 - pv.to(tl.float32)) * 2048.0).to(CT)
+            vc = _vcodes(vu, VB, CT, ASM) - 1024.0
+            acc = tl.dot(vc, pl, acc=tl.dot(vc, pv, acc=acc) * 2048.0) * (1.0 / 2048.0)
+            zt = zt + p * vz
         else:
-            pv = (p * vs).to(CT)
-        # acc rows d get sum_n pv_n (c_n 2^(VB j_d) + 1024): the zero points' sum_n p_n z_n and the rounded
-        # pv's sum (for the offset) are kept apart, the place factor comes off at the end
-        zt = zt + p * vz
-        st = st + pv.to(tl.float32)
-        acc = tl.dot(_vcodes(vu, VB, CT, ASM), pv, acc=acc, input_precision=PREC)
+            if HALF_PV:
+                pv = p.to(CT) * vs.to(CT)
+            else:
+                pv = (p * vs).to(CT)
+            # acc rows d get sum_n pv_n (c_n 2^(VB j_d) + 1024): the zero points' sum_n p_n z_n and the
+            # rounded pv's sum (for the offset) are kept apart, the place factor comes off at the end
+            zt = zt + p * vz
+            st = st + pv.to(tl.float32)
+            acc = tl.dot(_vcodes(vu, VB, CT, ASM), pv, acc=acc, input_precision=PREC)
     l_i += tl.sum(lt, axis=0)
     z = tl.sum(zt, axis=0)[None, :]
     sv = tl.sum(st, axis=0)[None, :]
@@ -1010,7 +1044,7 @@ def decode_attention(
         RUNB=max(16, triton.next_power_of_2(-(-(lay.max_chunks + 2) // edge_splits))),
         WPER=16 * -(-lay.n_window // (16 * edge_splits)), PAIRS=code, NP=len(pairs),
         FAST_MASK=sum(_pair_bit(*p) for p in pairs), HAS_KS=has_ks, BLOCK_M=block_m, BLOCK_N=block_n,
-        EBLOCK_N=16, CT=tl.float32 if dt == tl.float32 else tl.float16, DT=dt, PREC=prec, ASM=not interp, EDGE_FIRST=edge_first,
+        EBLOCK_N=16, CT=tl.float16 if native else tl.float32, DT=dt, PREC=prec, ASM=not interp, EDGE_FIRST=edge_first,
         BODY_STAGES=body_stages, HM=lay.scale_bytes == 2, num_warps=warps,
         num_stages=stages, **extra,
     )  # fmt: skip

@@ -115,6 +115,30 @@ def test_decode_float16_tiles_in_the_interpreter(bits, value_bits, max_len, monk
     torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the GPU takes this path in every float32 test above")
+@pytest.mark.parametrize("bits,value_bits,d", [(8, 8, 64), (4, 2, 64), (2, 4, 64), (2, 2, 128), (4, 4, 128)])
+def test_decode_float32_queries_on_float16_tiles(bits, value_bits, d, monkeypatch) -> None:
+    """Float32 queries on the GPU's float16 tiles: each product taken with a float16 high part and the
+    scaled rest, the codes without their +1024. Within the float32 tolerance of the reference, where
+    queries rounded to float16 (the high part alone) are 10x outside it."""
+    monkeypatch.setenv("PMKVQ_INTERPRET_NATIVE_DT", "1")
+    lay = small_layout(hkv=1 if d == 128 else 2, d=d, group=d, bits=bits, value_bits=value_bits, max_len=50)
+    arena, state, table = filled_cache(lay, 2, [17, 12, 12, 6], seed=5)
+    assert any(max(r[1:]) <= 8 for r in table[: int(state[2])].tolist()), "no body chunk for the pairs"
+    n = int(state[0])
+    lengths = torch.tensor([n, n - 9], dtype=torch.int32, device=DEVICE)
+    g = torch.Generator().manual_seed(11)
+    q, kn, vn = _step_inputs(lay, 2, torch.float32, g)
+    q = q * 3
+    args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), d**-0.5)
+    want = ref.decode_attention(*args, 2)
+    got = kernel.decode_attention(*args, 2)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=TOL[torch.float32], rtol=TOL[torch.float32])
+    half = ref.decode_attention(q.half().float(), *args[1:], 2)
+    assert (half - want).abs().max().item() > 10 * TOL[torch.float32]
+
+
 @pytest.mark.parametrize("native", [False, True] if DEVICE == "cpu" else [False])
 @pytest.mark.parametrize("bits,value_bits", [(4, 4), (4, 2), (2, 2), (8, 8)])
 def test_decode_head_dim_128(bits, value_bits, native, monkeypatch) -> None:
