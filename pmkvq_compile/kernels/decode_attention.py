@@ -293,22 +293,27 @@ def _tile_loop(
     QS: tl.constexpr = (CT == tl.float16) and (q_ptr.dtype.element_ty == tl.float32)  # noqa: SIM300
     OFS: tl.constexpr = 1024.0 if (CT == tl.float16) and not QS else 0.0  # noqa: SIM300
     qscale = 1.0
-    if CT == tl.float16:  # noqa: SIM300
+    if CT == tl.float16 and not QS:  # noqa: SIM300
         qmax = tl.max(tl.max(tl.abs(q), 1), 0)
         qscale = tl.math.exp2(tl.maximum(tl.ceil(tl.math.log2(tl.maximum(qmax, 1e-30))) - 14.0, 0.0))
     # the key codes come scaled by 2^(KB j) (_pairs); the queries take the inverse, a power of two (exact)
     pf = _code_scale((tl.arange(0, D) // (D * KB // 16)), KB)[None, :]
     if QS:
-        q = q / qscale
+        # powers of two per query head (so one head's inf or huge values leave the others alone): qsc brings
+        # the head's largest element to at most 2^14, lscale the rest's largest near 2^14 (floored at the
+        # high part's 2^-24, so that a rest of 0 leaves the scaled high scores finite: about 2^53 at most);
+        # the scores come back in true units through linv = qsc / lscale, so qscale below stays 1
+        qcol = tl.max(tl.abs(q), 1)
+        qsc = tl.math.exp2(tl.maximum(tl.ceil(tl.math.log2(tl.maximum(qcol, 1e-30))) - 14.0, 0.0))
         qsum = tl.sum(q, axis=1)
-        qh = (q * pf).to(CT)
-        ql = q * pf - qh.to(tl.float32)
-        # the rest's scale: its largest element near 2^14 (a power of two, so undoing it is exact)
-        lmax = tl.max(tl.max(tl.abs(ql), 1), 0)
+        qn = q / qsc[:, None] * pf
+        qh = qn.to(CT)
+        ql = qn - qh.to(tl.float32)
+        lmax = tl.maximum(tl.max(tl.abs(ql), 1), qcol / qsc * 5.960464477539063e-08)
         lexp = 14.0 - tl.ceil(tl.math.log2(tl.maximum(lmax, 1e-30)))
-        lscale = tl.math.exp2(lexp)
-        linv = tl.math.exp2(-lexp)
-        qlt = tl.trans((ql * lscale).to(CT))
+        lscale = tl.math.exp2(lexp)[None, :]
+        linv = (tl.math.exp2(-lexp) * qsc)[None, :]
+        qlt = tl.trans((ql * tl.math.exp2(lexp)[:, None]).to(CT))
         q = qh
     else:
         q = (q / qscale).to(CT).to(tl.float32)

@@ -139,6 +139,37 @@ def test_decode_float32_queries_on_float16_tiles(bits, value_bits, d, monkeypatc
     assert (half - want).abs().max().item() > 10 * TOL[torch.float32]
 
 
+@pytest.mark.skipif(
+    DEVICE != "cpu", reason="CPU interpreter with float16 tiles; the GPU runs it in the tests above"
+)
+@pytest.mark.parametrize("case", ["float16-exact", "inf-head"])
+def test_decode_float32_queries_on_float16_tiles_edge_values(case, monkeypatch) -> None:
+    """The split products' scales per query head: queries whose scaled values are exact in float16 (the rest
+    is 0, whose scale must not blow up the high part's scores: NaN before the floor), and one head of a GQA
+    group with an infinite element (the group's other heads keep their results)."""
+    monkeypatch.setenv("PMKVQ_INTERPRET_NATIVE_DT", "1")
+    lay = small_layout(hkv=2, d=64, group=64, bits=8, value_bits=8, max_len=50)
+    arena, state, table = filled_cache(lay, 2, [17, 12, 12, 6], seed=5)
+    n = int(state[0])
+    lengths = torch.tensor([n, n - 9], dtype=torch.int32, device=DEVICE)
+    g = torch.Generator().manual_seed(11)
+    q, kn, vn = _step_inputs(lay, 2, torch.float32, g)
+    sm_scale = 0.125
+    if case == "float16-exact":
+        q = (q * 16).half().float()
+        sm_scale = 1 / kernel.LOG2E  # the kernel's q * sm_scale * log2(e) stays exact
+    else:
+        q[0, 0, 0] = float("inf")
+    args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), sm_scale)
+    want = ref.decode_attention(*args, 2)
+    got = kernel.decode_attention(*args, 2)
+    keep = torch.ones(q.shape[:2], dtype=torch.bool)
+    if case == "inf-head":
+        keep[0, 0] = False
+        assert keep[0, 1:3].all()  # heads 1 and 2 share KV head 0 with head 0
+    torch.testing.assert_close(got[keep], want[keep], atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("native", [False, True] if DEVICE == "cpu" else [False])
 @pytest.mark.parametrize("bits,value_bits", [(4, 4), (4, 2), (2, 2), (8, 8)])
 def test_decode_head_dim_128(bits, value_bits, native, monkeypatch) -> None:
