@@ -33,8 +33,9 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import quant
-from .kernels.layout import meta_cast
-from .plan import LayerPlan, ModelGeometry, Plan, meta_bytes, meta_dtype, next_body_bits
+from .kernels import reference as ref
+from .kernels.layout import ArenaLayout
+from .plan import LayerPlan, ModelGeometry, Plan, next_body_bits
 
 __all__ = ["BudgetExceededError", "ProgressiveKVCache", "ProgressiveLayer", "Segment", "next_body_bits"]
 
@@ -58,30 +59,6 @@ class Segment:
     capacity: int
     key_bits: int
     value_bits: int
-
-    def parts(
-        self, num_kv_heads: int, head_dim: int, groups: int, scale_dtype: str = "float32"
-    ) -> tuple[int, int, int, int]:
-        """Byte offsets of K codes, V codes, meta, and the end."""
-        kc = num_kv_heads * self.capacity * head_dim * self.key_bits // 8
-        vc = num_kv_heads * self.capacity * head_dim * self.value_bits // 8
-        meta = (
-            4
-            * num_kv_heads
-            * self.capacity
-            * groups
-            * meta_bytes(self.key_bits, self.value_bits, scale_dtype)
-        )
-        return self.offset, self.offset + kc, self.offset + kc + vc, self.offset + kc + vc + meta
-
-
-def _ers_to(
-    q: torch.Tensor, scale: torch.Tensor, bits: int, target: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    while bits > target:
-        q, scale = quant.requantize(q, scale, bits)
-        bits //= 2
-    return q, scale
 
 
 # The attention function finds the cache layer whose update produced its key tensor through this variable.
@@ -122,6 +99,8 @@ class ProgressiveLayer(CacheLayerMixin):
                 f"layer {layer_idx}: budget {self.lp.budget_bytes:,} bytes is below sink + window "
                 f"({self.body_offset:,} bytes)"
             )
+        # the byte layout the kernels and the reference read (one definition of where a region's parts sit)
+        self.layout = ArenaLayout.from_plan(plan, layer_idx)
         self.dtype = dtype
         self.arena: torch.Tensor | None = None  # uint8 [B, budget_bytes]
         self._reset_state()
@@ -189,38 +168,30 @@ class ProgressiveLayer(CacheLayerMixin):
     # ---- views ---------------------------------------------------------------------------------------------
     def views(self, seg: Segment) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(k_codes [B,Hkv,cap,D*kb/8] u8, v_codes [B,Hkv,cap,D*vb/8] u8, meta [B,4,Hkv,cap,G])``, meta
-        float32 or float16 (see the module docstring)."""
-        a = self.arena
-        assert a is not None
-        b = a.shape[0]
-        sd = self.plan.scale_dtype
-        k0, v0, m0, end = seg.parts(self.hkv, self.d, self.groups, sd)
-        kc = a[:, k0:v0].view(b, self.hkv, seg.capacity, self.d * seg.key_bits // 8)
-        vc = a[:, v0:m0].view(b, self.hkv, seg.capacity, self.d * seg.value_bits // 8)
-        mdt = meta_dtype(seg.key_bits, seg.value_bits, sd)
-        meta = a[:, m0:end].view(mdt).view(b, 4, self.hkv, seg.capacity, self.groups)
-        return kc, vc, meta
+        float32 or float16 (see the module docstring): :func:`reference.region_views` of the arena."""
+        assert self.arena is not None
+        return ref.region_views(
+            self.arena, self.layout, seg.offset, seg.capacity, seg.key_bits, seg.value_bits
+        )
 
-    def _write(self, seg: Segment, start: int, kq, ks, kz, vq, vs, vz) -> None:
-        """Write codes/meta for tokens ``[start, start + T)`` of ``seg`` (codes int32 [B,Hkv,T,D])."""
-        kc, vc, meta = self.views(seg)
-        t = kq.shape[2]
-        kc[:, :, start : start + t] = quant.pack(kq, seg.key_bits)
-        vc[:, :, start : start + t] = quant.pack(vq, seg.value_bits)
-        meta[:, :, :, start : start + t] = meta_cast(torch.stack([ks, kz, vs, vz], dim=1), meta.dtype)
+    def _write(self, seg: Segment, start: int, *codes: torch.Tensor) -> None:
+        """Write codes/meta ``(kq, ks, kz, vq, vs, vz)`` for tokens ``[start, start + T)`` of ``seg`` (codes
+        int32 [B,Hkv,T,D]): :func:`reference.write_region`."""
+        assert self.arena is not None
+        ref.write_region(
+            self.arena, self.layout, seg.offset, seg.capacity, seg.key_bits, seg.value_bits, start, codes
+        )
 
-    def _read(self, seg: Segment, n: int):
-        """Codes (int32 [B,Hkv,n,D]) and meta (float32 [B,Hkv,n,G]) of the first ``n`` tokens of ``seg``."""
-        kc, vc, meta = self.views(seg)
-        kq = quant.unpack(kc[:, :, :n], seg.key_bits)
-        vq = quant.unpack(vc[:, :, :n], seg.value_bits)
-        m = meta[:, :, :, :n].float()
-        return kq, m[:, 0], m[:, 1], vq, m[:, 2], m[:, 3]
+    def _read(self, seg: Segment, n: int) -> ref.Codes:
+        """Codes (int32 [B,Hkv,n,D]) and meta (float32 copies [B,Hkv,n,G]) of the first ``n`` tokens of
+        ``seg``: :func:`reference.read_region`."""
+        assert self.arena is not None
+        return ref.read_region(
+            self.arena, self.layout, seg.offset, seg.capacity, seg.key_bits, seg.value_bits, n
+        )
 
-    def _quantize(self, k: torch.Tensor, v: torch.Tensor, kb: int, vb: int):
-        kq, ks, kz = quant.quantize(k, kb, self.gs)
-        vq, vs, vz = quant.quantize(v, vb, self.gs)
-        return kq, ks, kz, vq, vs, vz
+    def _quantize(self, k: torch.Tensor, v: torch.Tensor, kb: int, vb: int) -> ref.Codes:
+        return ref.quantize_kv(k, v, kb, vb, self.gs)
 
     # ---- the update ----------------------------------------------------------------------------------------
     def plan_update(self, n_new: int) -> tuple[int, int, list[tuple[int, int]], tuple[int, int]]:
@@ -308,8 +279,8 @@ class ProgressiveLayer(CacheLayerMixin):
         pieces = []
         for i in range(first_changed, len(old)):
             kq, ks, kz, vq, vs, vz = self._read(old_segs[i], p.n_window)
-            kq, ks = _ers_to(kq, ks, old[i][0], after[i][0])
-            vq, vs = _ers_to(vq, vs, old[i][1], after[i][1])
+            kq, ks = ref.ers_to(kq, ks, old[i][0], after[i][0])
+            vq, vs = ref.ers_to(vq, vs, old[i][1], after[i][1])
             pieces.append((i, (kq, ks, kz, vq, vs, vz)))
         if n_flush:
             # the stream: current window tokens (window bits) then the new tokens
@@ -319,8 +290,8 @@ class ProgressiveLayer(CacheLayerMixin):
                 sl = slice(j * p.n_window, (j + 1) * p.n_window)
                 kq, ks, kz, vq, vs, vz = (x[:, :, sl] for x in stream)
                 idx = len(old) + j
-                kq, ks = _ers_to(kq, ks, p.window_bits, after[idx][0])
-                vq, vs = _ers_to(vq, vs, p.window_bits, after[idx][1])
+                kq, ks = ref.ers_to(kq, ks, p.window_bits, after[idx][0])
+                vq, vs = ref.ers_to(vq, vs, p.window_bits, after[idx][1])
                 pieces.append((idx, (kq, ks, kz, vq, vs, vz)))
         # all reads are done: write in order (new offsets never pass old ones, but we read first anyway)
         for idx, parts in pieces:

@@ -37,7 +37,7 @@ __all__ = [
 Codes = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _views(arena: torch.Tensor, lay: ArenaLayout, offset: int, cap: int, kb: int, vb: int):
+def region_views(arena: torch.Tensor, lay: ArenaLayout, offset: int, cap: int, kb: int, vb: int):
     """``k_codes u8 [B,Hkv,cap,D*kb/8]``, ``v_codes u8 [B,Hkv,cap,D*vb/8]``, ``meta [B,4,Hkv,cap,G]`` (float32,
     or float16 where the layout stores it so: :meth:`ArenaLayout.meta_dtype`)."""
     b, h, d = arena.shape[0], lay.num_kv_heads, lay.head_dim
@@ -53,7 +53,7 @@ def read_region(
 ) -> Codes:
     """Codes (int32 ``[B,Hkv,n,D]``) and meta (float32 ``[B,Hkv,n,G]``) of a region's first ``n`` tokens:
     ``(kq, k_scale, k_zero, vq, v_scale, v_zero)``."""
-    kc, vc, meta = _views(arena, lay, offset, cap, kb, vb)
+    kc, vc, meta = region_views(arena, lay, offset, cap, kb, vb)
     m = meta[:, :, :, :n]
     return (
         quant.unpack(kc[:, :, :n], kb),
@@ -70,23 +70,21 @@ def write_region(
 ) -> None:
     """Store tokens ``[start, start + T)`` of a region from ``(kq, ks, kz, vq, vs, vz)`` as in :func:`read_region`."""
     kq, ks, kz, vq, vs, vz = codes
-    kc, vc, meta = _views(arena, lay, offset, cap, kb, vb)
+    kc, vc, meta = region_views(arena, lay, offset, cap, kb, vb)
     t = kq.shape[2]
     kc[:, :, start : start + t] = quant.pack(kq, kb)
     vc[:, :, start : start + t] = quant.pack(vq, vb)
     meta[:, :, :, start : start + t] = meta_cast(torch.stack([ks, kz, vs, vz], dim=1), meta.dtype)
 
 
-def _ers_to(
-    q: torch.Tensor, scale: torch.Tensor, bits: int, target: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def ers_to(q: torch.Tensor, scale: torch.Tensor, bits: int, target: int) -> tuple[torch.Tensor, torch.Tensor]:
     while bits > target:
         q, scale = quant.requantize(q, scale, bits)
         bits //= 2
     return q, scale
 
 
-def _quantize(k: torch.Tensor, v: torch.Tensor, kb: int, vb: int, gs: int) -> Codes:
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, kb: int, vb: int, gs: int) -> Codes:
     kq, ks, kz = quant.quantize(k, kb, gs)
     vq, vs, vz = quant.quantize(v, vb, gs)
     return kq, ks, kz, vq, vs, vz
@@ -108,8 +106,8 @@ def _shrink(
     for i, (o, okb, ovb) in enumerate(rows):
         nkb, nvb = min(okb, kb), min(ovb, vb)
         kq, ks, kz, vq, vs, vz = read_region(arena, lay, o, lay.n_window, okb, ovb, lay.n_window)
-        kq, ks = _ers_to(kq, ks, okb, nkb)
-        vq, vs = _ers_to(vq, vs, ovb, nvb)
+        kq, ks = ers_to(kq, ks, okb, nkb)
+        vq, vs = ers_to(vq, vs, ovb, nvb)
         write_region(arena, lay, off, lay.n_window, nkb, nvb, 0, (kq, ks, kz, vq, vs, vz))
         table[i, 0], table[i, 1], table[i, 2] = off, nkb, nvb
         off += lay.chunk_bytes(nkb, nvb)
@@ -150,7 +148,7 @@ def append(
     if (kb, vb) != (bkb, bvb) and nc:
         _shrink(arena, table, lay, nc, kb, vb)
     wb = lay.window_bits
-    new = _quantize(k[:, :, to_sink:], v[:, :, to_sink:], wb, wb, lay.group_size)
+    new = quantize_kv(k[:, :, to_sink:], v[:, :, to_sink:], wb, wb, lay.group_size)
     if n_flush:
         old = read_region(arena, lay, lay.window_offset, lay.n_window, wb, wb, wl)
         stream = [torch.cat([a, b], dim=2) for a, b in zip(old, new)]
@@ -158,8 +156,8 @@ def append(
         for j in range(n_flush):
             sl = slice(j * lay.n_window, (j + 1) * lay.n_window)
             kq, ks, kz, vq, vs, vz = (x[:, :, sl] for x in stream)
-            kq, ks = _ers_to(kq, ks, wb, kb)
-            vq, vs = _ers_to(vq, vs, wb, vb)
+            kq, ks = ers_to(kq, ks, wb, kb)
+            vq, vs = ers_to(vq, vs, wb, vb)
             off = lay.body_offset + (nc + j) * cb
             write_region(arena, lay, off, lay.n_window, kb, vb, 0, (kq, ks, kz, vq, vs, vz))
             table[nc + j, 0], table[nc + j, 1], table[nc + j, 2] = off, kb, vb
@@ -171,7 +169,7 @@ def append(
         wl_new = wl
     if to_sink:
         sb = lay.sink_bits
-        sink = _quantize(k[:, :, :to_sink], v[:, :, :to_sink], sb, sb, lay.group_size)
+        sink = quantize_kv(k[:, :, :to_sink], v[:, :, :to_sink], sb, sb, lay.group_size)
         write_region(arena, lay, 0, lay.n_sink, sb, sb, n_tokens, sink)
     nt = tail[0].shape[2]
     if nt:
