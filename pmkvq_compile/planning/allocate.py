@@ -225,14 +225,16 @@ def allocate(
 
 
 def equal_split_plan(proto: Plan, budget: int, *, metadata: dict[str, str] | None = None) -> Plan:
-    """The progressive cache without allocation: every layer gets the same ``budget // num_layers`` bytes.
+    """The progressive cache without allocation: every layer gets the same ``budget // num_layers`` bytes,
+    rounded down to a multiple of 4 (the arena's alignment: :class:`~pmkvq_compile.kernels.layout.ArenaLayout`
+    refuses other budgets).
 
     Its final ``(key_bits, value_bits)`` is the pair with the most bits whose :meth:`Plan.budget_for` fits the
     layer budget (keys get the larger half on ties, e.g. 4/2 for a 3-bit budget); the cache then spends the
     layer budget as it is (more bits while the sequence is short).
     """
     n_layers = proto.geometry.num_layers
-    per_layer = budget // n_layers
+    per_layer = budget // n_layers // 4 * 4
     pairs = [
         (kb, vb)
         for kb in quant.SUPPORTED_BITS

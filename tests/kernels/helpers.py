@@ -62,8 +62,8 @@ def make_mixed(lay: ArenaLayout, arena, state, table, first_low: int) -> None:
     for i, (o, kb, vb) in enumerate(table[:nc].tolist()):
         nkb, nvb = (2, 2) if i >= first_low else (kb, vb)
         codes = ref.read_region(arena, lay, o, lay.n_window, kb, vb, lay.n_window)
-        kq, ks = ref._ers_to(codes[0], codes[1], kb, nkb)
-        vq, vs = ref._ers_to(codes[3], codes[4], vb, nvb)
+        kq, ks = ref.ers_to(codes[0], codes[1], kb, nkb)
+        vq, vs = ref.ers_to(codes[3], codes[4], vb, nvb)
         ref.write_region(arena, lay, off, lay.n_window, nkb, nvb, 0, (kq, ks, codes[2], vq, vs, codes[5]))
         table[i] = torch.tensor([off, nkb, nvb], dtype=torch.int32)
         off += lay.chunk_bytes(nkb, nvb)

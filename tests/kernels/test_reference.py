@@ -28,7 +28,7 @@ def _expected_past(lay: ArenaLayout, ks: list[torch.Tensor], vs: list[torch.Tens
             if hi <= lo or lo >= x.shape[2]:
                 continue
             q, s, z = quant.quantize(x[:, :, lo:hi], qb, lay.group_size)
-            q, s = ref._ers_to(q, s, qb, tb)
+            q, s = ref.ers_to(q, s, qb, tb)
             parts.append(quant.dequantize(q, s, z, lay.group_size))
         out.append(torch.cat(parts, dim=2))
     return out

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pmkvq_compile.kernels.layout import ArenaLayout
 from pmkvq_compile.plan import ModelGeometry, Plan
 from pmkvq_compile.planning import (
     InfeasibleBudgetError,
@@ -150,3 +151,16 @@ def test_equal_split_gives_every_layer_the_same_bytes() -> None:
     assert p25.layers[0].budget_bytes > proto.budget_for(2, 2)
     with pytest.raises(InfeasibleBudgetError):
         equal_split_plan(proto, bits_budget(proto, 2) - 10)
+
+
+def test_equal_split_budgets_fit_the_arena_alignment() -> None:
+    """A budget that does not split into multiples of 4 bytes per layer is rounded down, so the cache (and the
+    kernels' ArenaLayout, which refuses other budgets) accept the plan."""
+    proto = _proto()
+    budget = bits_budget(proto, 3) + 7 * GEO.num_layers + 3
+    plan = equal_split_plan(proto, budget)
+    assert all(lp.budget_bytes % 4 == 0 for lp in plan.layers)
+    assert 0 <= budget - plan.total_budget_bytes < 5 * GEO.num_layers
+    assert (budget // GEO.num_layers) % 4  # the unrounded split would not fit
+    for i in range(GEO.num_layers):
+        ArenaLayout.from_plan(plan, i)
