@@ -35,6 +35,11 @@ from pmkvq_compile.kernels import decode_attention as new
 KNOBS = ("PMKVQ_DECODE_CFG", "PMKVQ_DECODE_EDGE", "PMKVQ_DECODE_DYN", "PMKVQ_MERGE_CFG")
 
 
+def _float32_inputs(args: tuple) -> tuple:
+    """A step's arguments with its queries and new keys and values in float32."""
+    return (args[0].float(), args[1].float(), args[2].float(), *args[3:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--old", required=True, help="an old copy of pmkvq_compile/kernels/decode_attention.py")
@@ -74,7 +79,7 @@ def main() -> None:
         lay, args = step_args(b, n, chunks, scale_bytes)
         args[6][1:] = rest
         if a.q_float32:
-            args = (args[0].float(), args[1].float(), args[2].float(), *args[3:])
+            args = _float32_inputs(args)
         for knob in KNOBS:
             os.environ[knob] = ""
         if scale_bytes == 4 or a.old_reads_f16:
@@ -85,7 +90,7 @@ def main() -> None:
             _, old_args = step_args(b, n, chunks)
             old_args[6][1:] = rest
             if a.q_float32:
-                old_args = (old_args[0].float(), old_args[1].float(), old_args[2].float(), *old_args[3:])
+                old_args = _float32_inputs(old_args)
         t_old = graph_ms(lambda args=old_args: old.decode_attention(*args)) * 1e3
         times: dict[str, list[float]] = {c: [] for c in cfgs}
         for _ in range(a.rounds):

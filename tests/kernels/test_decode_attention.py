@@ -139,9 +139,6 @@ def test_decode_float32_queries_on_float16_tiles(bits, value_bits, d, monkeypatc
     assert (half - want).abs().max().item() > 10 * TOL[torch.float32]
 
 
-@pytest.mark.skipif(
-    DEVICE != "cpu", reason="CPU interpreter with float16 tiles; the GPU runs it in the tests above"
-)
 @pytest.mark.parametrize("case", ["float16-exact", "inf-head"])
 def test_decode_float32_queries_on_float16_tiles_edge_values(case, monkeypatch) -> None:
     """The split products' scales per query head: queries whose scaled values are exact in float16 (the rest
@@ -163,7 +160,7 @@ def test_decode_float32_queries_on_float16_tiles_edge_values(case, monkeypatch) 
     args = (q, kn, vn, arena, state, table, lengths, None, lay.to_list(), sm_scale)
     want = ref.decode_attention(*args, 2)
     got = kernel.decode_attention(*args, 2)
-    keep = torch.ones(q.shape[:2], dtype=torch.bool)
+    keep = torch.ones(q.shape[:2], dtype=torch.bool, device=got.device)
     if case == "inf-head":
         keep[0, 0] = False
         assert keep[0, 1:3].all()  # heads 1 and 2 share KV head 0 with head 0
