@@ -67,7 +67,8 @@ def compile_attn(
 
 def tile_loop(sass: str) -> list[str]:
     """The backward-branch loop with the most mma instructions, the shortest of those (the body's tile loop:
-    loops around it hold the same mma instructions and more)."""
+    loops around it hold the same mma instructions and more); a backward jump whose range holds an exit is
+    not a loop (ptxas may lay cold blocks out after the exit)."""
     lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
     at = {a: i for i, (a, _) in enumerate(lines)}
     best: tuple[int, int, list[str]] | None = None
@@ -75,6 +76,8 @@ def tile_loop(sass: str) -> list[str]:
         m = re.search(r"BRA.*0x([0-9a-f]+)\s*$", ins)
         if m and int(m.group(1), 16) < a and int(m.group(1), 16) in at:
             body = [x for _, x in lines[at[int(m.group(1), 16)] : i + 1]]
+            if any("EXIT" in x for x in body):
+                continue  # a jump back from code laid out after an exit, not a loop
             key = (sum("MMA" in x for x in body), -len(body))
             if best is None or key > best[:2]:
                 best = (*key, body)

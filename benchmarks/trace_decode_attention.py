@@ -52,7 +52,7 @@ def instrumented_source(src: str) -> str:
         src,
         "    z = tl.program_id(2)\n",
         f"    z = tl.program_id(2)\n    t0 = {_TIMER}\n    smid = {_SMID}\n"
-        "    lin = (b * HKV + h) * (NUM_SPLITS + EDGE_SPLITS) + tl.program_id(2)\n",
+        "    lin = (b * HKV + h) * tl.num_programs(2) + tl.program_id(2)\n",
     )
     src = _patch(
         src,
