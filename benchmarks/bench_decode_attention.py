@@ -70,8 +70,9 @@ def make_cache(
 
 
 def body_chunk_count(length: int) -> int:
-    """Body chunks of a :func:`make_cache` cache of ``length`` tokens (one sink token, 1..NW in the window)."""
-    return (length - 1) // NW - 1 if (length - 1) % NW == 0 else (length - 1) // NW
+    """Body chunks of a :func:`make_cache` cache of ``length`` tokens (one sink token, 0..NW-1 in the window:
+    the cache flushes a full window into a chunk, so it never holds NW tokens after an update)."""
+    return (length - 1) // NW
 
 
 def step_args(batch: int, length: int, chunk_bits: list[tuple[int, int]], scale_bytes: int = 4):
