@@ -90,17 +90,16 @@ class ProgressiveLayer(CacheLayerMixin):
         g = plan.geometry
         self.hkv, self.d, self.gs = g.num_kv_heads, g.head_dim, plan.group_size
         self.groups = self.d // self.gs
+        # the byte layout the kernels and the reference read: one definition of where the window, the body
+        # and a region's parts sit (it refuses a budget below sink + window or not divisible by 4)
+        try:
+            self.layout = ArenaLayout.from_plan(plan, layer_idx)
+        except ValueError as e:
+            raise ValueError(f"layer {layer_idx}: {e}") from None
         self.sink = Segment(0, plan.n_sink, plan.sink_bits, plan.sink_bits)
-        self.window = Segment(plan.sink_bytes, plan.n_window, plan.window_bits, plan.window_bits)
-        self.body_offset = plan.sink_bytes + plan.window_bytes
-        self.body_capacity = self.lp.budget_bytes - self.body_offset
-        if self.body_capacity < 0:
-            raise ValueError(
-                f"layer {layer_idx}: budget {self.lp.budget_bytes:,} bytes is below sink + window "
-                f"({self.body_offset:,} bytes)"
-            )
-        # the byte layout the kernels and the reference read (one definition of where a region's parts sit)
-        self.layout = ArenaLayout.from_plan(plan, layer_idx)
+        self.window = Segment(self.layout.window_offset, plan.n_window, plan.window_bits, plan.window_bits)
+        self.body_offset = self.layout.body_offset
+        self.body_capacity = self.layout.body_capacity
         self.dtype = dtype
         self.arena: torch.Tensor | None = None  # uint8 [B, budget_bytes]
         self._reset_state()
@@ -128,22 +127,22 @@ class ProgressiveLayer(CacheLayerMixin):
         for kb, vb in self.chunk_bits if chunk_bits is None else chunk_bits:
             seg = Segment(off, self.plan.n_window, kb, vb)
             out.append(seg)
-            off += self.plan.chunk_bytes(kb, vb)
+            off += self.layout.chunk_bytes(kb, vb)
         return out
 
     def body_bytes(self, chunk_bits: list[tuple[int, int]] | None = None) -> int:
         return sum(
-            self.plan.chunk_bytes(kb, vb)
+            self.layout.chunk_bytes(kb, vb)
             for kb, vb in (self.chunk_bits if chunk_bits is None else chunk_bits)
         )
 
     def nbytes(self) -> int:
         """Bytes the held tokens need (codes + scales + zeros), per sequence."""
-        p = self.plan
-        n_sink = min(self.n_tokens, p.n_sink)
+        lay = self.layout
+        n_sink = min(self.n_tokens, lay.n_sink)
         return (
-            n_sink * p.token_bytes(p.sink_bits, p.sink_bits)
-            + self.window_len * p.token_bytes(p.window_bits, p.window_bits)
+            n_sink * lay.token_bytes(lay.sink_bits, lay.sink_bits)
+            + self.window_len * lay.token_bytes(lay.window_bits, lay.window_bits)
             + self.body_bytes()
         )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -261,6 +263,21 @@ def test_bad_input_is_refused() -> None:
         ProgressiveKVCache(plan, other)
     with pytest.raises(ValueError, match=r"plan must be a pmkvq_compile\.Plan"):
         ProgressiveKVCache("plan.json", GEO)  # type: ignore[arg-type]
+
+
+def test_layer_budget_the_arena_cannot_hold_is_refused() -> None:
+    """The cache takes its byte layout from ArenaLayout; a layer budget below sink + window or not
+    divisible by 4 is refused with the layer named."""
+    plan = make_plan(2, 40)
+    small = plan.sink_bytes + plan.window_bytes - 4
+    for budget, msg in (
+        (small, "is below sink \\+ window"),
+        (plan.layers[1].budget_bytes + 2, "must be divisible by 4"),
+    ):
+        lp = dataclasses.replace(plan.layers[1], budget_bytes=budget)
+        bad = dataclasses.replace(plan, layers=(plan.layers[0], lp, *plan.layers[2:]))
+        with pytest.raises(ValueError, match=f"layer 1: budget_bytes={budget} {msg}"):
+            ProgressiveKVCache(bad, GEO)
 
 
 def test_preallocated_memory_is_the_budget() -> None:
