@@ -48,6 +48,27 @@ def test_float16_scales_budget_formula(tmp_path) -> None:
     assert Plan.load(old).scale_dtype == "float32"
 
 
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("group_size", [64, 16])
+def test_arena_layout_bytes_match_the_plan(scale_dtype: str, group_size: int) -> None:
+    """The cache's layout of a layer (sink, window, chunk regions) and the planner's budget are one memory
+    model: the layout's offsets against the formula, and a budget made for (kb, vb) holds exactly its chunks."""
+    from pmkvq_compile.kernels.layout import ArenaLayout
+
+    plan = Plan.uniform(GEO, 4, 1000, n_sink=2, n_window=64, group_size=group_size, scale_dtype=scale_dtype)
+    groups = 64 // group_size
+    for kb, vb in [(16, 16), (8, 8), (8, 2), (4, 4), (2, 2)]:
+        m = 2 if scale_dtype == "float16" and max(kb, vb) <= 8 else 4
+        tok = 2 * (64 * (kb + vb) // 8 + 4 * m * groups)
+        lay = ArenaLayout.from_plan(plan.with_layers([LayerPlan(kb, vb, plan.budget_for(kb, vb))] * 3), 0)
+        assert lay.token_bytes(kb, vb) == plan.token_bytes(kb, vb) == tok
+        assert lay.chunk_bytes(kb, vb) == plan.chunk_bytes(kb, vb) == 64 * tok
+        tok16 = 2 * (64 * 4 + 16 * groups)
+        assert lay.window_offset == plan.sink_bytes == 2 * tok16
+        assert lay.body_offset == plan.sink_bytes + plan.window_bytes == 66 * tok16
+        assert lay.body_capacity == ((1000 - 2) // 64) * 64 * tok
+
+
 def test_float16_scales_refusals() -> None:
     with pytest.raises(
         ValueError, match=r"scale_dtype='bfloat16' is not supported; expected one of \['float32', 'float16'\]"

@@ -26,7 +26,7 @@ from dataclasses import astuple, dataclass, fields
 
 import torch
 
-from ..plan import Plan, check_half_meta_alignment, meta_bytes, meta_dtype, next_body_bits
+from ..plan import Plan, check_half_meta_alignment, meta_bytes, meta_dtype, next_body_bits, token_bytes
 from ..quant import check_bits
 
 __all__ = [
@@ -145,9 +145,9 @@ class ArenaLayout:
         return meta_dtype(kb, vb, self.scale_dtype)
 
     def token_bytes(self, kb: int, vb: int) -> int:
-        return self.num_kv_heads * (
-            self.head_dim * (kb + vb) // 8 + 4 * self.meta_bytes(kb, vb) * self.groups
-        )
+        """Bytes of one token (all KV heads) at ``(kb, vb)``: the plan's memory model (:func:`plan.token_bytes`),
+        so the budgets the planner sets and the regions the cache lays out are one formula."""
+        return token_bytes(self.num_kv_heads, self.head_dim, self.group_size, kb, vb, self.scale_dtype)
 
     @property
     def sink_bytes(self) -> int:
