@@ -6,8 +6,9 @@ at its start and after its last store, and ``%smid``, into a trace buffer. Then,
 geometry of :mod:`bench_decode_attention`, 32768 tokens), it prints the CUDA-graph time of the tree's
 launcher, of the instrumented copy, and of the copy without the merge launch, and from one traced launch:
 the span, body program durations per split index, their end times (min / p10 / p50 / p90 / max), the edge
-programs' start, duration and end, the mean body duration per batch row, and the ideal span if every
-program's time were spread evenly over three slots per SM (the default launch's occupancy). GPU only (inline PTX)::
+programs' start, duration and end (and per edge split index: mean duration, last end), the mean body
+duration per batch row, and the ideal span if every program's time were spread evenly over three slots per
+SM (the default launch's occupancy). GPU only (inline PTX)::
 
     python benchmarks/trace_decode_attention.py --cases "B8 4-bit;B8 2-bit;B1 4-bit" --json /tmp/trace.json
 """
@@ -148,6 +149,8 @@ def main() -> None:
             edge_start=[round(_pct(t0[:, :, s:].flatten().tolist(), p), 2) for p in (0, 0.5, 1)],
             edge_us=[round(_pct(edge_dur, p), 2) for p in (0, 0.5, 1)] if e else [],
             edge_end=round(t1[:, :, s:].max().item(), 2) if e else None,
+            edge_us_per_split=[round(x, 2) for x in dur[:, :, s:].mean(dim=(0, 1)).tolist()],
+            edge_end_per_split=[round(x, 2) for x in t1[:, :, s:].amax(dim=(0, 1)).tolist()],
             body_us_per_row=[round(dur[i, :, :s].mean().item(), 2) for i in range(b)],
             ideal_span=dur.sum().item() / min(3 * sms, dur.numel()),
             sms_used=int(tr[..., 2].unique().numel()),

@@ -225,6 +225,95 @@ def _deq_part(c, sc, zr, DT: tl.constexpr):
 
 
 @triton.jit
+def load_tile(
+    a8r,
+    a16r,
+    a32r,
+    afr,
+    ahr,
+    off,
+    cap,
+    kb,
+    vb,
+    n0,
+    h,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    GS: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HM: tl.constexpr,
+):
+    """Tokens ``n0 .. n0 + BLOCK_N - 1`` (those below ``cap``) of KV head ``h`` in one region: key and value
+    codes as 4 x int32 ``[BLOCK_N, D/4]`` each, then the key scale, key zero, value scale and value zero as
+    float32 (``[BLOCK_N, 1]``, or ``[BLOCK_N, D/4]`` per column with several groups). Tokens past ``cap`` read
+    0; the caller masks the tokens it does not want in :func:`attend_tile`."""
+    i = tl.arange(0, D // 4)
+    PART = HKV * cap * G
+    mb = region_meta_byte(off, cap, kb, vb, HKV, D)
+    half = meta_half(kb, vb, HM)
+    n = n0 + tl.arange(0, BLOCK_N)
+    nm = n < cap
+    r = h * cap + n
+    k0, k1, k2, k3 = load_codes4(a8r, a16r, a32r, off + r * (D * kb // 8), i, nm, kb)
+    vstart = off + HKV * cap * (D * kb // 8)
+    v0, v1, v2, v3 = load_codes4(a8r, a16r, a32r, vstart + r * (D * vb // 8), i, nm, vb)
+    if G == 1:
+        ks = load_meta(afr, ahr, mb, r, nm, half, HM)[:, None]
+        kz = load_meta(afr, ahr, mb, PART + r, nm, half, HM)[:, None]
+        vs = load_meta(afr, ahr, mb, 2 * PART + r, nm, half, HM)[:, None]
+        vz = load_meta(afr, ahr, mb, 3 * PART + r, nm, half, HM)[:, None]
+    else:
+        gidx = r[:, None] * G + ((4 * i) // GS)[None, :]
+        ks = load_meta(afr, ahr, mb, gidx, nm[:, None], half, HM)
+        kz = load_meta(afr, ahr, mb, PART + gidx, nm[:, None], half, HM)
+        vs = load_meta(afr, ahr, mb, 2 * PART + gidx, nm[:, None], half, HM)
+        vz = load_meta(afr, ahr, mb, 3 * PART + gidx, nm[:, None], half, HM)
+    return k0, k1, k2, k3, v0, v1, v2, v3, ks, kz, vs, vz
+
+
+@triton.jit
+def attend_tile(
+    q0,
+    q1,
+    q2,
+    q3,
+    m_i,
+    l_i,
+    acc0,
+    acc1,
+    acc2,
+    acc3,
+    tile,
+    nm,
+    DT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """One online-softmax step of 4-part queries ``[M, D/4]`` (scaled by sm_scale * log2 e) over a tile from
+    :func:`load_tile`, its tokens masked by ``nm`` ``[BLOCK_N]``; returns the updated ``m, l, acc0..3``."""
+    k0, k1, k2, k3, v0, v1, v2, v3, ks, kz, vs, vz = tile
+    # a masked token's bytes are whatever the region holds (its scales may be NaN bits): its value row
+    # dequantizes to 0, so that p = 0 there leaves the sums alone (0 * NaN would not)
+    vs = tl.where(nm[:, None], vs, 0.0)
+    vz = tl.where(nm[:, None], vz, 0.0)
+    s = tl.dot(q0, tl.trans(_deq_part(k0, ks, kz, DT)), input_precision=PREC)
+    s += tl.dot(q1, tl.trans(_deq_part(k1, ks, kz, DT)), input_precision=PREC)
+    s += tl.dot(q2, tl.trans(_deq_part(k2, ks, kz, DT)), input_precision=PREC)
+    s += tl.dot(q3, tl.trans(_deq_part(k3, ks, kz, DT)), input_precision=PREC)
+    s = tl.where(nm[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    pd = p.to(DT)
+    acc0 = acc0 * alpha[:, None] + tl.dot(pd, _deq_part(v0, vs, vz, DT), input_precision=PREC)
+    acc1 = acc1 * alpha[:, None] + tl.dot(pd, _deq_part(v1, vs, vz, DT), input_precision=PREC)
+    acc2 = acc2 * alpha[:, None] + tl.dot(pd, _deq_part(v2, vs, vz, DT), input_precision=PREC)
+    acc3 = acc3 * alpha[:, None] + tl.dot(pd, _deq_part(v3, vs, vz, DT), input_precision=PREC)
+    return m_new, l_i, acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def attend_segment(
     q0,
     q1,
@@ -258,49 +347,15 @@ def attend_segment(
     HM: tl.constexpr,
 ):
     """Online-softmax attention of 4-part queries ``[M, D/4]`` (already scaled by sm_scale * log2 e) over the
-    tokens ``n_begin..n_valid`` of one region of KV head ``h``. ``a8r``.. ``afr`` point at the batch row's
-    arena (int32 offsets inside a row keep registers low; ``ahr`` is it as float16, for float16 meta: ``HM``).
-    Returns the updated ``m, l, acc0..3``."""
-    i = tl.arange(0, D // 4)
-    PART = HKV * cap * G
-    mb = region_meta_byte(off, cap, kb, vb, HKV, D)
-    half = meta_half(kb, vb, HM)
-    vstart = off + HKV * cap * (D * kb // 8)
+    tokens ``n_begin..n_valid`` of one region of KV head ``h``, tile by tile (:func:`load_tile`,
+    :func:`attend_tile`). ``a8r``.. ``afr`` point at the batch row's arena (int32 offsets inside a row keep
+    registers low; ``ahr`` is it as float16, for float16 meta: ``HM``). Returns the updated ``m, l, acc0..3``."""
     for n0 in range(n_begin, n_valid, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        nm = n < n_valid
-        r = h * cap + n
-        c0, c1, c2, c3 = load_codes4(a8r, a16r, a32r, off + r * (D * kb // 8), i, nm, kb)
-        if G == 1:
-            ks = load_meta(afr, ahr, mb, r, nm, half, HM)[:, None]
-            kz = load_meta(afr, ahr, mb, PART + r, nm, half, HM)[:, None]
-        else:
-            gidx = r[:, None] * G + ((4 * i) // GS)[None, :]
-            ks = load_meta(afr, ahr, mb, gidx, nm[:, None], half, HM)
-            kz = load_meta(afr, ahr, mb, PART + gidx, nm[:, None], half, HM)
-        s = tl.dot(q0, tl.trans(_deq_part(c0, ks, kz, DT)), input_precision=PREC)
-        s += tl.dot(q1, tl.trans(_deq_part(c1, ks, kz, DT)), input_precision=PREC)
-        s += tl.dot(q2, tl.trans(_deq_part(c2, ks, kz, DT)), input_precision=PREC)
-        s += tl.dot(q3, tl.trans(_deq_part(c3, ks, kz, DT)), input_precision=PREC)
-        s = tl.where(nm[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
-        pd = p.to(DT)
-        c0, c1, c2, c3 = load_codes4(a8r, a16r, a32r, vstart + r * (D * vb // 8), i, nm, vb)
-        if G == 1:
-            vs = load_meta(afr, ahr, mb, 2 * PART + r, nm, half, HM)[:, None]
-            vz = load_meta(afr, ahr, mb, 3 * PART + r, nm, half, HM)[:, None]
-        else:
-            gidx = r[:, None] * G + ((4 * i) // GS)[None, :]
-            vs = load_meta(afr, ahr, mb, 2 * PART + gidx, nm[:, None], half, HM)
-            vz = load_meta(afr, ahr, mb, 3 * PART + gidx, nm[:, None], half, HM)
-        acc0 = acc0 * alpha[:, None] + tl.dot(pd, _deq_part(c0, vs, vz, DT), input_precision=PREC)
-        acc1 = acc1 * alpha[:, None] + tl.dot(pd, _deq_part(c1, vs, vz, DT), input_precision=PREC)
-        acc2 = acc2 * alpha[:, None] + tl.dot(pd, _deq_part(c2, vs, vz, DT), input_precision=PREC)
-        acc3 = acc3 * alpha[:, None] + tl.dot(pd, _deq_part(c3, vs, vz, DT), input_precision=PREC)
+        tile = load_tile(a8r, a16r, a32r, afr, ahr, off, cap, kb, vb, n0, h, HKV, D, GS, G, BLOCK_N, HM)
+        nm = n0 + tl.arange(0, BLOCK_N) < n_valid
+        m_i, l_i, acc0, acc1, acc2, acc3 = attend_tile(
+            q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, tile, nm, DT, PREC
+        )
     return m_i, l_i, acc0, acc1, acc2, acc3
 
 

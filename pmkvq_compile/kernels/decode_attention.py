@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import attend_segment, segment_of
+from ._common import attend_segment, attend_tile, load_tile, segment_of
 from .layout import ArenaLayout, check_layout_tensors, next_body_bits
 
 __all__ = ["decode_attention", "default_num_splits"]
@@ -654,6 +654,22 @@ def _edge_part(
     mrow = tl.arange(0, BLOCK_M)
     rmask = mrow < GQ
     heads = h * GQ + mrow
+    row0 = b.to(tl.int64) * ROW_BYTES
+    a8r = a8 + row0
+    a16r = a16 + row0 // 2
+    a32r = a32 + row0 // 4
+    afr = af + row0 // 4
+    ahr = ah + row0 // 2
+    w_begin = split * WPER
+    # a window slice of one tile (the common launch) is loaded first, with the queries: neither address waits
+    # on a load, so the program's loads make one round trip instead of a chain (state and length, the
+    # table, the queries, the window); the row's length masks the tile's tokens afterwards
+    ONE_TILE: tl.constexpr = WPER == BLOCK_N
+    if ONE_TILE:
+        wtile = load_tile(
+            a8r, a16r, a32r, afr, ahr, WIN_OFF, NW, WB, WB, w_begin, h, HKV, D, GS, G, BLOCK_N, HM
+        )
+        q0, q1, q2, q3 = _load_q4(q_ptr, b * HQ + heads, rmask, ks_ptr, h, qk_scale, D, HAS_KS)
     n_chunks = tl.load(state + 2)
     length = tl.load(lengths + b)
     n_seg = n_chunks + 2
@@ -673,21 +689,15 @@ def _edge_part(
     acc1 = tl.zeros([BLOCK_M, D // 4], tl.float32)
     acc2 = tl.zeros([BLOCK_M, D // 4], tl.float32)
     acc3 = tl.zeros([BLOCK_M, D // 4], tl.float32)
-    row0 = b.to(tl.int64) * ROW_BYTES
-    a8r = a8 + row0
-    a16r = a16 + row0 // 2
-    a32r = a32 + row0 // 4
-    afr = af + row0 // 4
-    ahr = ah + row0 // 2
     BIG: tl.constexpr = 1 << 30
     s = tl.min(tl.where(todo, seg, BIG), axis=0)
     # the window, in slices of WPER tokens over the programs (one program would take its tiles in turn)
-    w_begin = split * WPER
     w_end = tl.minimum(w_begin + WPER, tl.minimum(tl.maximum(length - N_SINK - n_chunks * NW, 0), NW))
-    # the queries, read once for both (not at all by a program with nothing to do)
-    busy = (s < BIG) | (w_begin < w_end)
-    qmask = rmask & (busy.to(tl.int32) + 0 * mrow == 1)  # broadcast first (the interpreter needs it)
-    q0, q1, q2, q3 = _load_q4(q_ptr, b * HQ + heads, qmask, ks_ptr, h, qk_scale, D, HAS_KS)
+    if not ONE_TILE:
+        # the queries, read once for both (not at all by a program with nothing to do)
+        busy = (s < BIG) | (w_begin < w_end)
+        qmask = rmask & (busy.to(tl.int32) + 0 * mrow == 1)  # broadcast first (the interpreter needs it)
+        q0, q1, q2, q3 = _load_q4(q_ptr, b * HQ + heads, qmask, ks_ptr, h, qk_scale, D, HAS_KS)
     q0 = q0.to(DT)
     q1 = q1.to(DT)
     q2 = q2.to(DT)
@@ -700,7 +710,13 @@ def _edge_part(
             HKV, D, GS, G, BLOCK_N, DT, PREC, HM,
         )  # fmt: skip
         s = tl.min(tl.where(todo & (seg > s), seg, BIG), axis=0)
-    if w_begin < w_end:
+    if ONE_TILE:
+        if w_begin < w_end:
+            m_i, l_i, acc0, acc1, acc2, acc3 = attend_tile(
+                q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, wtile,
+                w_begin + tl.arange(0, BLOCK_N) < w_end, DT, PREC,
+            )  # fmt: skip
+    elif w_begin < w_end:
         m_i, l_i, acc0, acc1, acc2, acc3 = attend_segment(
             q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
             a8r, a16r, a32r, afr, ahr, WIN_OFF, NW, WB, WB, w_begin, w_end, h,
