@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pmkvq_compile import LayerPlan, ModelGeometry, Plan, PlanMismatchError
+from pmkvq_compile.kernels.layout import ArenaLayout
 from tests.models import tiny
 
 GEO = ModelGeometry("llama", num_layers=3, num_heads=6, num_kv_heads=2, head_dim=64, hidden_size=384)
@@ -53,8 +54,6 @@ def test_float16_scales_budget_formula(tmp_path) -> None:
 def test_arena_layout_bytes_match_the_plan(scale_dtype: str, group_size: int) -> None:
     """The cache's layout of a layer (sink, window, chunk regions) and the planner's budget are one memory
     model: the layout's offsets against the formula, and a budget made for (kb, vb) holds exactly its chunks."""
-    from pmkvq_compile.kernels.layout import ArenaLayout
-
     plan = Plan.uniform(GEO, 4, 1000, n_sink=2, n_window=64, group_size=group_size, scale_dtype=scale_dtype)
     groups = 64 // group_size
     for kb, vb in [(16, 16), (8, 8), (8, 2), (4, 4), (2, 2)]:

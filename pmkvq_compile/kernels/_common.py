@@ -236,6 +236,7 @@ def load_tile(
     kb,
     vb,
     n0,
+    n_end,
     h,
     HKV: tl.constexpr,
     D: tl.constexpr,
@@ -244,16 +245,16 @@ def load_tile(
     BLOCK_N: tl.constexpr,
     HM: tl.constexpr,
 ):
-    """Tokens ``n0 .. n0 + BLOCK_N - 1`` (those below ``cap``) of KV head ``h`` in one region: key and value
-    codes as 4 x int32 ``[BLOCK_N, D/4]`` each, then the key scale, key zero, value scale and value zero as
-    float32 (``[BLOCK_N, 1]``, or ``[BLOCK_N, D/4]`` per column with several groups). Tokens past ``cap`` read
-    0; the caller masks the tokens it does not want in :func:`attend_tile`."""
+    """Tokens ``n0 .. n0 + BLOCK_N - 1`` (those below ``n_end`` <= ``cap``) of KV head ``h`` in one region: key
+    and value codes as 4 x int32 ``[BLOCK_N, D/4]`` each, then the key scale, key zero, value scale and value
+    zero as float32 (``[BLOCK_N, 1]``, or ``[BLOCK_N, D/4]`` per column with several groups). Tokens from
+    ``n_end`` on read 0; the caller masks the tokens it does not want in :func:`attend_tile`."""
     i = tl.arange(0, D // 4)
     PART = HKV * cap * G
     mb = region_meta_byte(off, cap, kb, vb, HKV, D)
     half = meta_half(kb, vb, HM)
     n = n0 + tl.arange(0, BLOCK_N)
-    nm = n < cap
+    nm = n < n_end
     r = h * cap + n
     k0, k1, k2, k3 = load_codes4(a8r, a16r, a32r, off + r * (D * kb // 8), i, nm, kb)
     vstart = off + HKV * cap * (D * kb // 8)
@@ -351,7 +352,9 @@ def attend_segment(
     :func:`attend_tile`). ``a8r``.. ``afr`` point at the batch row's arena (int32 offsets inside a row keep
     registers low; ``ahr`` is it as float16, for float16 meta: ``HM``). Returns the updated ``m, l, acc0..3``."""
     for n0 in range(n_begin, n_valid, BLOCK_N):
-        tile = load_tile(a8r, a16r, a32r, afr, ahr, off, cap, kb, vb, n0, h, HKV, D, GS, G, BLOCK_N, HM)
+        tile = load_tile(
+            a8r, a16r, a32r, afr, ahr, off, cap, kb, vb, n0, n_valid, h, HKV, D, GS, G, BLOCK_N, HM
+        )
         nm = n0 + tl.arange(0, BLOCK_N) < n_valid
         m_i, l_i, acc0, acc1, acc2, acc3 = attend_tile(
             q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, tile, nm, DT, PREC

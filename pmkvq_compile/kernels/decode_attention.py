@@ -666,8 +666,9 @@ def _edge_part(
     # table, the queries, the window); the row's length masks the tile's tokens afterwards
     ONE_TILE: tl.constexpr = WPER == BLOCK_N
     if ONE_TILE:
+        # (the whole slice: the row's length is not known yet)
         wtile = load_tile(
-            a8r, a16r, a32r, afr, ahr, WIN_OFF, NW, WB, WB, w_begin, h, HKV, D, GS, G, BLOCK_N, HM
+            a8r, a16r, a32r, afr, ahr, WIN_OFF, NW, WB, WB, w_begin, NW, h, HKV, D, GS, G, BLOCK_N, HM
         )
         q0, q1, q2, q3 = _load_q4(q_ptr, b * HQ + heads, rmask, ks_ptr, h, qk_scale, D, HAS_KS)
     n_chunks = tl.load(state + 2)
@@ -710,18 +711,18 @@ def _edge_part(
             HKV, D, GS, G, BLOCK_N, DT, PREC, HM,
         )  # fmt: skip
         s = tl.min(tl.where(todo & (seg > s), seg, BIG), axis=0)
-    if ONE_TILE:
-        if w_begin < w_end:
+    if w_begin < w_end:
+        if ONE_TILE:
             m_i, l_i, acc0, acc1, acc2, acc3 = attend_tile(
                 q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, wtile,
                 w_begin + tl.arange(0, BLOCK_N) < w_end, DT, PREC,
             )  # fmt: skip
-    elif w_begin < w_end:
-        m_i, l_i, acc0, acc1, acc2, acc3 = attend_segment(
-            q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
-            a8r, a16r, a32r, afr, ahr, WIN_OFF, NW, WB, WB, w_begin, w_end, h,
-            HKV, D, GS, G, BLOCK_N, DT, PREC, HM,
-        )  # fmt: skip
+        else:
+            m_i, l_i, acc0, acc1, acc2, acc3 = attend_segment(
+                q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+                a8r, a16r, a32r, afr, ahr, WIN_OFF, NW, WB, WB, w_begin, w_end, h,
+                HKV, D, GS, G, BLOCK_N, DT, PREC, HM,
+            )  # fmt: skip
     prow = ((b * HQ + heads) * SLOTS + SLOT0 + split).to(tl.int64)
     _store_partial(part_acc, part_ml, prow, rmask, m_i, l_i, acc0, acc1, acc2, acc3, D)
 
